@@ -1,0 +1,263 @@
+"""The label format: the one contract between the teacher side and the student side.
+
+A label dataset is a directory (local path or any fsspec URL) holding::
+
+    manifest.json                      written last; its presence means "complete"
+    job-spec.yaml                      the resolved job spec that produced it
+    shards/part-UUUUU-SSSSS.parquet    label shards (unit U, shard S), zero-padded
+    _commits/part-UUUUU-SSSSS.json     one record per committed shard (for followers/resume)
+    _commits/unit-UUUUU.json           one record per finished work unit
+
+One Parquet row holds one token sequence of length T. Every column is a flat,
+non-nullable list (never a list of lists): per-position arrays of width k are
+flattened row-major and reshaped with numpy on read.
+
+Position convention: label position t (0 <= t < T-1) holds the teacher's
+distribution over token t+1 given tokens 0..t, so it lines up with a causal
+student's logits at position t. (vLLM's ``prompt_logprobs`` entry t+1.)
+
+Values are raw log-probabilities at temperature 1. The mass outside the stored
+top-k is exact: ``1 - sum(exp(topk_logprobs))``.
+
+This module imports only the standard library, numpy, pyarrow and fsspec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SPEC_NAME",
+    "SHARDS_DIR",
+    "COMMITS_DIR",
+    "FormatError",
+    "Columns",
+    "label_schema",
+    "shard_name",
+    "ShardRecord",
+    "UnitRecord",
+    "Manifest",
+    "token_hash",
+    "tokenizer_fingerprint",
+    "read_manifest",
+    "check_format_version",
+    "join_url",
+]
+
+FORMAT_NAME = "labelgen"
+FORMAT_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+SPEC_NAME = "job-spec.yaml"
+SHARDS_DIR = "shards"
+COMMITS_DIR = "_commits"
+
+
+class FormatError(ValueError):
+    """A label dataset is missing, incomplete, corrupt or of an unsupported version."""
+
+
+class Columns:
+    """Column names of a label shard, with their per-row lengths."""
+
+    SAMPLE_ID = "sample_id"  # string: "<source>#<record>.<chunk>" of the sequence's first token
+    TOKEN_HASH = "token_hash"  # uint64: token_hash(input_ids), to join other products safely
+    NUM_TOKENS = "num_tokens"  # int32: T
+    INPUT_IDS = "input_ids"  # list<int32> [T]
+    LABEL_MASK = "label_mask"  # list<uint8> [T-1]: 1 where token t+1 is a training target
+    TOPK_IDS = "topk_ids"  # list<int32> [(T-1) * k], sorted by rank per position
+    TOPK_LOGPROBS = "topk_logprobs"  # list<float32> [(T-1) * k], descending per position
+    TARGET_LOGPROBS = "target_logprobs"  # list<float32> [T-1]: log p(token t+1)
+
+
+def label_schema() -> pa.Schema:
+    """Arrow schema of a label shard (format version ``FORMAT_VERSION``)."""
+
+    def flat(name: str, value: pa.DataType) -> pa.Field:
+        return pa.field(name, pa.list_(pa.field("element", value, nullable=False)), nullable=False)
+
+    return pa.schema(
+        [
+            pa.field(Columns.SAMPLE_ID, pa.string(), nullable=False),
+            pa.field(Columns.TOKEN_HASH, pa.uint64(), nullable=False),
+            pa.field(Columns.NUM_TOKENS, pa.int32(), nullable=False),
+            flat(Columns.INPUT_IDS, pa.int32()),
+            flat(Columns.LABEL_MASK, pa.uint8()),
+            flat(Columns.TOPK_IDS, pa.int32()),
+            flat(Columns.TOPK_LOGPROBS, pa.float32()),
+            flat(Columns.TARGET_LOGPROBS, pa.float32()),
+        ],
+        metadata={b"labelgen.format_version": FORMAT_VERSION.encode()},
+    )
+
+
+def shard_name(unit: int, shard: int) -> str:
+    """Zero-padded shard stem; lexical order equals (unit, shard) order."""
+    return f"part-{unit:05d}-{shard:05d}"
+
+
+def token_hash(input_ids: np.ndarray) -> int:
+    """64-bit hash of a token sequence (int32 little-endian bytes, blake2b)."""
+    data = np.ascontiguousarray(input_ids, dtype="<i4").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over a tokenizer's vocabulary and special tokens.
+
+    Works on any object with ``get_vocab()`` (HF tokenizers). Two tokenizers with the
+    same fingerprint map every string to the same ids.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    specials = {
+        name: getattr(tokenizer, name, None)
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    payload = json.dumps({"vocab": vocab, "specials": specials}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join URL path parts with '/', keeping the scheme of ``base``."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One committed shard."""
+
+    path: str  # relative to the dataset root, e.g. "shards/part-00000-00001.parquet"
+    unit: int
+    index: int  # shard index within the unit
+    rows: int
+    tokens: int
+    label_positions: int
+    row_groups: int
+    bytes: int
+    sha256: str
+    first_sequence: int  # unit-local index of the first sequence in the shard
+    next_sequence: int  # unit-local index one past the last sequence in the shard
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One finished work unit (one input source)."""
+
+    unit: int
+    source: str
+    sequences: int
+    tokens: int
+    shards: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    source_sha256: str = ""
+
+
+@dataclass
+class Manifest:
+    """The index of a complete label dataset; written last."""
+
+    k: int
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    corpus: dict[str, Any]
+    spec_sha256: str
+    shards: list[ShardRecord]
+    units: list[UnitRecord]
+    created_at: str
+    format: str = FORMAT_NAME
+    format_version: str = FORMAT_VERSION
+    position_convention: str = "position t holds the distribution of token t+1 given tokens <= t"
+    logprob_temperature: float = 1.0
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected input records by reason, summed over units."""
+        total: dict[str, int] = {}
+        for unit in self.units:
+            for reason, count in unit.rejected.items():
+                total[reason] = total.get(reason, 0) + count
+        return dict(sorted(total.items()))
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {
+            "shards": len(self.shards),
+            "rows": sum(s.rows for s in self.shards),
+            "tokens": sum(s.tokens for s in self.shards),
+            "label_positions": sum(s.label_positions for s in self.shards),
+            "bytes": sum(s.bytes for s in self.shards),
+        }
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["totals"] = self.totals
+        data["rejected"] = self.rejected
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{where} is not valid JSON: {exc}") from exc
+        check_format_version(data, where)
+        data.pop("totals", None)
+        data.pop("rejected", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
+        data["units"] = [UnitRecord(**u) for u in data.get("units", [])]
+        return cls(**data)
+
+
+def check_format_version(data: Mapping[str, Any], where: str) -> None:
+    """Raise FormatError unless ``data`` is a manifest of a format version we read."""
+    if data.get("format") != FORMAT_NAME:
+        raise FormatError(f"{where} is not a {FORMAT_NAME} manifest (format={data.get('format')!r})")
+    found = str(data.get("format_version"))
+    if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise FormatError(
+            f"{where} has format version {found}, this reader supports {FORMAT_VERSION}; "
+            "install the labelgen release that matches the dataset"
+        )
+
+
+def read_manifest(url: str) -> Manifest:
+    """Read ``<url>/manifest.json``; raise FormatError naming the URL if absent (incomplete)."""
+    import fsspec
+
+    path = join_url(url, MANIFEST_NAME)
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        committed = _count_commits(fs, join_url(fs_path.rsplit("/", 1)[0], COMMITS_DIR))
+        hint = (
+            f"{committed} shard(s) are committed, so a labeling job is still running or was "
+            "interrupted; re-run `labelgen run` with the same spec to finish it"
+            if committed
+            else "check the URL (run `labelgen inspect URL`)"
+        )
+        raise FormatError(f"no {MANIFEST_NAME} at {url!r}: the dataset is incomplete or absent; {hint}")
+    with fs.open(fs_path, "r") as f:
+        return Manifest.from_json(f.read(), where=path)
+
+
+def _count_commits(fs: Any, commits_dir: str) -> int:
+    try:
+        return sum(1 for p in fs.ls(commits_dir, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def records_from_json(items: Iterable[Mapping[str, Any]]) -> list[ShardRecord]:
+    """Shard records from their JSON form."""
+    return [ShardRecord(**dict(item)) for item in items]

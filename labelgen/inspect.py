@@ -1,0 +1,95 @@
+"""``labelgen inspect URL``: what a label dataset holds, with teacher statistics.
+
+Reads the manifest (or, for a dataset still being written, the commit records) and
+a sample of rows to report mean teacher entropy and top-1 mass. Entropy counts the
+mass outside the top-k as one bucket, so it is a lower bound on the full entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from labelgen.contract.format import MANIFEST_NAME, Columns, FormatError, Manifest, join_url
+
+__all__ = ["inspect_dataset", "format_report", "topk_statistics"]
+
+
+def topk_statistics(topk_logprobs: np.ndarray) -> dict[str, float]:
+    """Mean entropy (top-k + tail bucket), top-1 mass and tail mass over positions.
+
+    Args:
+        topk_logprobs: (N, k) raw teacher log-probs.
+    """
+    p = np.exp(topk_logprobs.astype(np.float64))
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(p * topk_logprobs).sum(axis=1) - np.where(tail > 0, tail * np.log(tail), 0.0)
+    return {
+        "entropy_nats": float(ent.mean()),
+        "top1_mass": float(p[:, 0].mean()),
+        "tail_mass": float(tail.mean()),
+    }
+
+
+def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
+    """Summary of the dataset at ``url`` (manifest required) plus sampled teacher statistics."""
+    fs, root = fsspec.core.url_to_fs(url)
+    path = join_url(root, MANIFEST_NAME)
+    if not fs.exists(path):
+        from labelgen.runner import read_commits
+
+        shards, units = read_commits(fs, root)
+        if not shards:
+            raise FormatError(f"no label dataset at {url!r} (no {MANIFEST_NAME}, no committed shards)")
+        return {"complete": False, "url": url, "committed_shards": len(shards), "finished_units": len(units),
+                "rows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards)}
+    with fs.open(path, "r") as f:
+        manifest = Manifest.from_json(f.read(), where=path)
+    rows_seen, chunks = 0, []
+    for shard in manifest.shards:
+        if rows_seen >= sample_rows:
+            break
+        with fs.open(join_url(root, shard.path), "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(0, columns=[Columns.TOPK_LOGPROBS])
+        values = table.column(0).combine_chunks().values.to_numpy()
+        chunks.append(values.reshape(-1, manifest.k))
+        rows_seen += table.num_rows
+    stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
+    return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}
+
+
+def format_report(info: dict[str, Any]) -> str:
+    if not info["complete"]:
+        return (
+            f"{info['url']}: INCOMPLETE (no manifest yet): {info['committed_shards']} shard(s) committed, "
+            f"{info['finished_units']} unit(s) finished, {info['rows']} sequences, {info['tokens']} tokens"
+        )
+    m: Manifest = info["manifest"]
+    t = m.totals
+    teacher, tok = m.teacher, m.tokenizer
+    lines = [
+        f"dataset     {info['url']}",
+        f"format      {m.format} {m.format_version}, created {m.created_at}",
+        f"teacher     {teacher.get('model')} ({teacher.get('dtype')}, vLLM {teacher.get('vllm_version')}, "
+        f"{teacher.get('logprobs_mode')})",
+        f"weights     {teacher.get('weights', {}).get('mode')} sha256 {teacher.get('weights', {}).get('sha256')}",
+        f"tokenizer   {tok.get('fingerprint', '')[:16]}…  vocab {tok.get('vocab_size')} "
+        f"(model vocab {tok.get('model_vocab_size')})",
+        f"labels      top-{m.k} raw log-probs + target log-prob; {m.position_convention}",
+        f"shards      {t['shards']} ({t['bytes'] / 2**20:.2f} MiB), {t['rows']} sequences, "
+        f"{t['tokens']} tokens, {t['label_positions']} label positions",
+        f"bytes/tok   {t['bytes'] / max(t['label_positions'], 1):.1f} per label position",
+        f"units       {len(m.units)} source(s)",
+        f"rejected    {', '.join(f'{k}={v}' for k, v in m.rejected.items()) or 'none'}",
+    ]
+    if "entropy_nats" in info:
+        lines.append(
+            f"teacher     mean entropy {info['entropy_nats']:.3f} nats (top-k + tail bucket), "
+            f"top-1 mass {info['top1_mass']:.3f}, tail mass {info['tail_mass']:.3f} "
+            f"(over {info['sample_rows']} sampled sequences)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""The labeling job spec: frozen dataclasses loaded from YAML and validated at load.
+
+Example (``manifests/jobs/tiny-cpu.yaml`` is a complete one)::
+
+    teacher: {model: /models/teacher, dtype: float32, engine_args: {enforce_eager: true}}
+    corpus: {sources: ["data/*.jsonl"], text_field: text}
+    packing: {seq_len: 1024}
+    labels: {k: 64}
+    output: {url: s3://bucket/labels/run-1}
+
+Every field is documented right under it; ``labelgen validate SPEC`` checks a spec
+without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from labelgen.contract.configs import config_to_dict, load_config, load_config_file
+
+__all__ = ["TeacherSpec", "CorpusSpec", "PackingSpec", "LabelsSpec", "OutputSpec", "JobSpec", "load_spec"]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model: str
+    """Local directory of a Hugging Face checkpoint (config.json + weights), or a model id
+    already in the local HF cache."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to ``model``."""
+    revision: str | None = None
+    """Model revision recorded in the manifest (and passed to vLLM)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype of the teacher. Labels are always stored as float32."""
+    max_model_len: int | None = None
+    """Longest sequence the engine accepts; must be >= packing.seq_len. None: the model's."""
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for ``vllm.LLM``, passed through untouched
+    (e.g. tensor_parallel_size, gpu_memory_utilization, enforce_eager)."""
+    batch_sequences: int = 256
+    """Sequences handed to the engine per call; the engine schedules them with
+    continuous batching. Also the granularity of shard rotation and resume."""
+    weights_hash: Literal["sampled", "full", "none"] = "sampled"
+    """How the manifest fingerprints the weight files: 'sampled' hashes each file's
+    name, size and first/last MiB (fast on 100 GB checkpoints); 'full' hashes every byte."""
+
+    def check(self):
+        if self.batch_sequences < 1:
+            yield "batch_sequences", f"must be >= 1, got {self.batch_sequences}"
+        if self.max_model_len is not None and self.max_model_len < 2:
+            yield "max_model_len", f"must be >= 2, got {self.max_model_len}"
+        reserved = {"model", "tokenizer", "dtype", "max_model_len", "revision", "max_logprobs"}
+        for key in sorted(reserved & set(self.engine_args)):
+            yield f"engine_args.{key}", "is set by the spec itself; use teacher.* or labels.k instead"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    sources: list[str]
+    """URLs or globs (any fsspec protocol) of .jsonl / .parquet / text files, or saved
+    Hugging Face ``datasets`` directories. Expanded and sorted; each file is one work unit."""
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    """Input format; 'auto' decides by file extension (.jsonl/.json[.gz|.zst], .parquet,
+    .txt/.md, or a directory holding dataset_info.json)."""
+    text_field: str = "text"
+    """Field (column) holding the document text in jsonl / parquet / hf inputs."""
+    messages_field: str | None = None
+    """Field holding chat messages ([{role, content}, ...]). When set and present in a
+    record, the record is rendered with the tokenizer's chat template and only assistant
+    tokens are training targets; records without it fall back to text_field."""
+    text_split: Literal["file", "paragraph", "line"] = "paragraph"
+    """For plain-text inputs: one record per file, per blank-line paragraph, or per line."""
+    max_record_chars: int = 1_000_000
+    """Records longer than this are rejected (counted as 'too_long' in the manifest)."""
+
+    def check(self):
+        if not self.sources:
+            yield "sources", "must list at least one URL or glob"
+        if self.max_record_chars < 1:
+            yield "max_record_chars", f"must be >= 1, got {self.max_record_chars}"
+
+
+@dataclass(frozen=True)
+class PackingSpec:
+    seq_len: int = 2048
+    """Tokens per sequence. Longer documents are split into chunks."""
+    cross_documents: bool = True
+    """Pack documents back to back into full sequences (True) or give every document
+    its own sequence(s) of at most seq_len tokens (False)."""
+    separator: Literal["eos", "bos", "none"] = "eos"
+    """Token appended after every document."""
+    min_tokens: int = 2
+    """Sequences shorter than this are dropped (counted as 'too_short')."""
+
+    def check(self):
+        if self.seq_len < 2:
+            yield "seq_len", f"must be >= 2, got {self.seq_len}"
+        if not 2 <= self.min_tokens <= max(self.seq_len, 2):
+            yield "min_tokens", f"must be between 2 and seq_len, got {self.min_tokens}"
+
+
+@dataclass(frozen=True)
+class LabelsSpec:
+    k: int = 64
+    """Top-k log-probs stored per position (plus the real next token's log-prob)."""
+
+    def check(self):
+        if self.k < 1:
+            yield "k", f"must be >= 1, got {self.k}"
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    url: str
+    """Dataset root: a local path or any fsspec URL (s3://bucket/prefix, gs://...)."""
+    shard_mib: float = 512.0
+    """Target shard size; a shard is closed once it reaches this size."""
+    row_group_mib: float = 64.0
+    """Target uncompressed size of a Parquet row group (the student's unit of streaming)."""
+    compression_level: int = 3
+    """zstd level for every column."""
+    overwrite: bool = False
+    """Delete an existing dataset at url that a different spec produced."""
+
+    def check(self):
+        if self.shard_mib <= 0:
+            yield "shard_mib", f"must be > 0, got {self.shard_mib}"
+        if self.row_group_mib <= 0:
+            yield "row_group_mib", f"must be > 0, got {self.row_group_mib}"
+        if not 1 <= self.compression_level <= 22:
+            yield "compression_level", f"must be in 1..22, got {self.compression_level}"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    teacher: TeacherSpec
+    """The teacher model and the vLLM engine that runs it."""
+    corpus: CorpusSpec
+    """Where the text comes from."""
+    output: OutputSpec
+    """Where the label shards go."""
+    packing: PackingSpec = field(default_factory=PackingSpec)
+    """How text becomes token sequences."""
+    labels: LabelsSpec = field(default_factory=LabelsSpec)
+    """What is stored per position."""
+
+    def check(self):
+        limit = self.teacher.max_model_len
+        if limit is not None and self.packing.seq_len > limit:
+            yield "packing.seq_len", f"({self.packing.seq_len}) must be <= teacher.max_model_len ({limit})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def content_hash(self) -> str:
+        """sha256 of what determines the labels (everything but output.overwrite)."""
+        data = self.to_dict()
+        data["output"] = {k: v for k, v in data["output"].items() if k != "overwrite"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Load and validate a job spec file; raises ConfigError listing every problem."""
+    return load_config_file(JobSpec, path, overrides)
+
+
+def spec_from_dict(data: dict[str, Any]) -> JobSpec:
+    """Validate a job spec given as a mapping (as stored in job-spec.yaml)."""
+    return load_config(JobSpec, data, source="job spec")

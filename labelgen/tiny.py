@@ -1,0 +1,141 @@
+"""Tiny local models, tokenizers and corpora for the demo and the tests.
+
+Nothing here downloads anything: the corpus is built from the docstrings of the
+Python standard library, the tokenizer is a byte-level BPE trained with
+``tokenizers`` on that corpus, and the models are randomly initialised
+Llama-architecture checkpoints saved with ``transformers``. They load through the
+same code paths as a real model directory (``vllm.LLM(model=path)``,
+``AutoModelForCausalLM.from_pretrained(path)``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from pathlib import Path
+
+__all__ = ["CHAT_TEMPLATE", "stdlib_texts", "write_jsonl_corpus", "build_tokenizer", "build_llama"]
+
+# A minimal chat template with the prefix property (rendering the first n messages
+# is a prefix of rendering n+1), which the chat masking relies on.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_MODULES = [
+    "json", "csv", "argparse", "pathlib", "collections", "functools", "itertools",
+    "subprocess", "logging", "dataclasses", "typing", "random", "statistics", "textwrap",
+    "string", "re", "datetime", "decimal", "fractions", "heapq", "bisect", "shutil",
+    "tempfile", "zipfile", "tarfile", "gzip", "hashlib", "hmac", "secrets", "socket",
+    "threading", "queue", "sched", "contextlib", "abc", "enum", "copy", "pprint",
+    "inspect", "ast", "tokenize", "difflib", "calendar", "uuid", "base64", "struct",
+]
+
+
+def stdlib_texts(min_chars: int = 200) -> list[str]:
+    """Docstrings of standard-library modules, classes and functions, in a fixed order."""
+    texts: list[str] = []
+    for name in _MODULES:
+        mod = importlib.import_module(name)
+        if mod.__doc__ and len(mod.__doc__) >= min_chars:
+            texts.append(mod.__doc__.strip())
+        for attr in sorted(vars(mod)):
+            if attr.startswith("_"):
+                continue
+            doc = getattr(getattr(mod, attr), "__doc__", None)
+            if isinstance(doc, str) and len(doc) >= min_chars and doc.strip() not in texts:
+                texts.append(doc.strip())
+    return texts
+
+
+def write_jsonl_corpus(path: str | Path, texts: list[str], chat_every: int = 0, seed: int = 0) -> Path:
+    """Write ``{"text": ...}`` lines; every ``chat_every``-th record becomes a chat record."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, text in enumerate(texts):
+            record: dict = {"id": i, "text": text}
+            if chat_every and i % chat_every == 0:
+                cut = rng.randint(20, max(21, len(text) // 2))
+                record["messages"] = [
+                    {"role": "user", "content": "Explain: " + text[:cut]},
+                    {"role": "assistant", "content": text[cut:]},
+                ]
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def build_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_llama(
+    out_dir: str | Path,
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 512,
+    initializer_range: float = 0.02,
+    extra_vocab: int = 0,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised Llama model (fp32) plus ``tokenizer`` to ``out_dir``.
+
+    ``extra_vocab`` pads the embedding beyond the tokenizer's vocabulary, as real
+    checkpoints often do. Head size is ``hidden_size // num_heads`` and must be >= 32
+    for vLLM's CPU attention.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    head_dim = hidden_size // num_heads
+    assert head_dim >= 32, f"vLLM's CPU attention needs head_dim >= 32, got {head_dim}"
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + extra_vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,226 @@
+"""Shard writer: size-rotated Parquet shards, committed atomically, with commit records.
+
+Rows are buffered and written a row group at a time into a local temporary file.
+When the file reaches the target size (checked only at batch boundaries, so a
+resumed job forms the same batches) the shard is committed: on a local filesystem
+by renaming the temporary file into place, on an object store by one PUT of the
+finished file. Only then is its commit record ``_commits/<shard>.json`` written, so
+a shard without a record is never trusted and is simply rewritten on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from labelgen.contract.format import (
+    COMMITS_DIR,
+    SHARDS_DIR,
+    Columns,
+    ShardRecord,
+    join_url,
+    label_schema,
+    shard_name,
+    token_hash,
+)
+from labelgen.packing import Sequence
+from labelgen.teacher import SequenceLabels
+
+__all__ = ["ShardWriter", "write_json_atomic", "write_text_atomic", "parquet_write_options"]
+
+_MIB = 1 << 20
+
+
+def parquet_write_options(compression_level: int) -> dict[str, Any]:
+    """ParquetWriter options for label shards: zstd, no dictionaries, byte-stream-split floats."""
+    return {
+        "compression": "zstd",
+        "compression_level": compression_level,
+        "use_dictionary": False,
+        "column_encoding": {
+            f"{Columns.TOPK_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
+            f"{Columns.TARGET_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
+        },
+        "write_statistics": [Columns.SAMPLE_ID, Columns.NUM_TOKENS, Columns.TOKEN_HASH],
+    }
+
+
+def write_json_atomic(fs: Any, path: str, data: Any) -> None:
+    """Write JSON so that readers see either nothing or the whole file."""
+    write_text_atomic(fs, path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def write_text_atomic(fs: Any, path: str, text: str) -> None:
+    """Write text so that readers see either nothing or the whole file."""
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, text.encode())  # a single PUT is atomic on object stores
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes the shards of one work unit."""
+
+    def __init__(
+        self,
+        root_url: str,
+        unit: int,
+        k: int,
+        first_shard: int,
+        first_sequence: int,
+        shard_mib: float,
+        row_group_mib: float,
+        compression_level: int,
+    ):
+        self.fs, self.root = fsspec.core.url_to_fs(root_url)
+        self.unit, self.k = unit, k
+        self.shard_bytes = int(shard_mib * _MIB)
+        self.row_group_bytes = int(row_group_mib * _MIB)
+        self.options = parquet_write_options(compression_level)
+        self.schema = label_schema()
+        self.next_shard = first_shard
+        self.next_sequence = first_sequence
+        self.committed: list[ShardRecord] = []
+        self._rows: list[tuple[Sequence, SequenceLabels]] = []
+        self._buffered_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None
+        self._tmp_path = ""
+        self._shard_first_sequence = first_sequence
+        self._shard_stats = {"rows": 0, "tokens": 0, "label_positions": 0, "row_groups": 0}
+        self._tmp_dir = tempfile.mkdtemp(prefix="labelgen-shard-")
+
+    # -- rows -------------------------------------------------------------------------
+    def add(self, seq: Sequence, labels: SequenceLabels) -> None:
+        labels.validate(len(seq.input_ids), self.k)
+        self._rows.append((seq, labels))
+        t = len(seq.input_ids)
+        self._buffered_bytes += t * 5 + (t - 1) * (8 * self.k + 5) + len(seq.sample_id) + 16
+
+    def end_batch(self) -> None:
+        """Called after each teacher batch: flush a row group / commit the shard if due."""
+        if self._buffered_bytes >= self.row_group_bytes:
+            self._flush_row_group()
+        # Buffered rows are assumed to compress ~4x; the decision only has to be deterministic.
+        written = self._sink.tell() if self._sink is not None else 0
+        if written and written + self._buffered_bytes // 4 >= self.shard_bytes:
+            self._flush_row_group()
+            self._commit()
+
+    def close(self) -> list[ShardRecord]:
+        """Commit what is left; returns the records of shards committed by this writer."""
+        if self._rows:
+            self._flush_row_group()
+        if self._writer is not None:
+            self._commit()
+        os.rmdir(self._tmp_dir)
+        return self.committed
+
+    # -- internals --------------------------------------------------------------------
+    def _table(self) -> pa.Table:
+        seqs = [s for s, _ in self._rows]
+        labs = [lab for _, lab in self._rows]
+
+        def lists(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+            lengths = np.fromiter((a.size for a in arrays), dtype=np.int32, count=len(arrays))
+            offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+            np.cumsum(lengths, out=offsets[1:])
+            values = pa.array(np.concatenate([a.ravel() for a in arrays]), type=value_type)
+            return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+        columns = {
+            Columns.SAMPLE_ID: pa.array([s.sample_id for s in seqs], pa.string()),
+            Columns.TOKEN_HASH: pa.array([token_hash(s.input_ids) for s in seqs], pa.uint64()),
+            Columns.NUM_TOKENS: pa.array([len(s.input_ids) for s in seqs], pa.int32()),
+            Columns.INPUT_IDS: lists([s.input_ids for s in seqs], pa.int32()),
+            Columns.LABEL_MASK: lists([s.label_mask for s in seqs], pa.uint8()),
+            Columns.TOPK_IDS: lists([lab.topk_ids for lab in labs], pa.int32()),
+            Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
+            Columns.TARGET_LOGPROBS: lists([lab.target_logprobs for lab in labs], pa.float32()),
+        }
+        return pa.Table.from_arrays(
+            [columns[f.name].cast(f.type) for f in self.schema], schema=self.schema
+        )
+
+    def _flush_row_group(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            name = shard_name(self.unit, self.next_shard)
+            self._tmp_path = os.path.join(self._tmp_dir, f"{name}.parquet")
+            self._sink = pa.OSFile(self._tmp_path, "wb")
+            self._writer = pq.ParquetWriter(self._sink, self.schema, **self.options)
+        table = self._table()
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        stats = self._shard_stats
+        stats["rows"] += table.num_rows
+        stats["tokens"] += sum(len(s.input_ids) for s, _ in self._rows)
+        stats["label_positions"] += sum(len(s.input_ids) - 1 for s, _ in self._rows)
+        stats["row_groups"] += 1
+        self.next_sequence += len(self._rows)
+        self._rows.clear()
+        self._buffered_bytes = 0
+
+    def _commit(self) -> None:
+        assert self._writer is not None and self._sink is not None
+        self._writer.close()
+        self._sink.close()
+        name = shard_name(self.unit, self.next_shard)
+        rel = f"{SHARDS_DIR}/{name}.parquet"
+        dest = join_url(self.root, rel)
+        record = ShardRecord(
+            path=rel,
+            unit=self.unit,
+            index=self.next_shard,
+            bytes=os.path.getsize(self._tmp_path),
+            sha256=_sha256_file(self._tmp_path),
+            first_sequence=self._shard_first_sequence,
+            next_sequence=self.next_sequence,
+            **self._shard_stats,
+        )
+        if _is_local(self.fs):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp_dest = f"{dest}.tmp-{os.getpid()}"
+            with open(self._tmp_path, "rb") as src, open(tmp_dest, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp_dest, dest)
+        else:
+            self.fs.put_file(self._tmp_path, dest)
+        os.remove(self._tmp_path)
+        write_json_atomic(self.fs, join_url(self.root, COMMITS_DIR, f"{name}.json"), asdict(record))
+        self.committed.append(record)
+        self.next_shard += 1
+        self._shard_first_sequence = self.next_sequence
+        self._shard_stats = {"rows": 0, "tokens": 0, "label_positions": 0, "row_groups": 0}
+        self._writer = None
+        self._sink = None
