@@ -1,8 +1,8 @@
 """``labelgen``: run, validate and inspect labeling jobs.
 
-    labelgen validate SPEC [key=value ...]   check a job spec (no model, no GPU)
-    labelgen run SPEC [key=value ...]        label the corpus on this machine (resumable)
-    labelgen inspect URL                     summarise a label dataset
+labelgen validate SPEC [key=value ...]   check a job spec (no model, no GPU)
+labelgen run SPEC [key=value ...]        label the corpus on this machine (resumable)
+labelgen inspect URL                     summarise a label dataset
 """
 
 from __future__ import annotations

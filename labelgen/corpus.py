@@ -61,9 +61,7 @@ def _detect_format(path: str, fs: Any, wanted: str) -> str:
         return wanted
     lower = path.lower()
     if fs.isdir(path):
-        if fs.exists(path.rstrip("/") + "/dataset_info.json") or fs.exists(
-            path.rstrip("/") + "/state.json"
-        ):
+        if fs.exists(path.rstrip("/") + "/dataset_info.json") or fs.exists(path.rstrip("/") + "/state.json"):
             return "hf"
         raise CorpusError(f"{path!r} is a directory but not a saved HF dataset (no dataset_info.json)")
     if lower.endswith(_JSONL):
@@ -86,9 +84,11 @@ def resolve_sources(spec: CorpusSpec) -> list[Source]:
     for pattern in spec.sources:
         try:
             fs, _ = fsspec.core.url_to_fs(pattern)
-            paths = sorted(fs.glob(pattern)) if fsspec.core.has_magic(pattern) else [
-                fsspec.core.url_to_fs(pattern)[1]
-            ]
+            paths = (
+                sorted(fs.glob(pattern))
+                if fsspec.core.has_magic(pattern)
+                else [fsspec.core.url_to_fs(pattern)[1]]
+            )
             paths = [p for p in paths if fs.exists(p)]
         except Exception as exc:  # noqa: BLE001 - any backend error is a user-facing error here
             errors.append(f"corpus.sources: cannot read {pattern!r}: {type(exc).__name__}: {exc}")
@@ -138,9 +138,13 @@ def _check_text(index: int, value: Any, max_chars: int, progress: int) -> Record
 
 
 def _check_messages(index: int, value: Any, max_chars: int, progress: int) -> Record | Rejected:
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
     )
     if not ok:
         return Rejected(index, "wrong_type", progress)

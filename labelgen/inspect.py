@@ -45,8 +45,14 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
         shards, units = read_commits(fs, root)
         if not shards:
             raise FormatError(f"no label dataset at {url!r} (no {MANIFEST_NAME}, no committed shards)")
-        return {"complete": False, "url": url, "committed_shards": len(shards), "finished_units": len(units),
-                "rows": sum(s.rows for s in shards), "tokens": sum(s.tokens for s in shards)}
+        return {
+            "complete": False,
+            "url": url,
+            "committed_shards": len(shards),
+            "finished_units": len(units),
+            "rows": sum(s.rows for s in shards),
+            "tokens": sum(s.tokens for s in shards),
+        }
     with fs.open(path, "r") as f:
         manifest = Manifest.from_json(f.read(), where=path)
     rows_seen, chunks = 0, []
@@ -71,12 +77,13 @@ def format_report(info: dict[str, Any]) -> str:
     m: Manifest = info["manifest"]
     t = m.totals
     teacher, tok = m.teacher, m.tokenizer
+    weights = teacher.get("weights", {})
     lines = [
         f"dataset     {info['url']}",
         f"format      {m.format} {m.format_version}, created {m.created_at}",
         f"teacher     {teacher.get('model')} ({teacher.get('dtype')}, vLLM {teacher.get('vllm_version')}, "
         f"{teacher.get('logprobs_mode')})",
-        f"weights     {teacher.get('weights', {}).get('mode')} sha256 {teacher.get('weights', {}).get('sha256')}",
+        f"weights     {weights.get('mode')} sha256 {weights.get('sha256')}",
         f"tokenizer   {tok.get('fingerprint', '')[:16]}…  vocab {tok.get('vocab_size')} "
         f"(model vocab {tok.get('model_vocab_size')})",
         f"labels      top-{m.k} raw log-probs + target log-prob; {m.position_convention}",

@@ -143,7 +143,10 @@ def pack(
                     rejected["too_short"] = rejected.get("too_short", 0) + 1
                     continue
                 yield _make(
-                    source_name, doc.record, start // spec.seq_len, chunk_ids,
+                    source_name,
+                    doc.record,
+                    start // spec.seq_len,
+                    chunk_ids,
                     targets[start : start + spec.seq_len],
                 )
             continue

@@ -109,8 +109,13 @@ class _Progress:
 
     def __init__(self, total_bytes: int, enabled: bool):
         self.bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, desc="labeling",
-            disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="labeling",
+            disable=not enabled,
+            file=sys.stderr,
+            dynamic_ncols=True,
         )
         self.sequences = self.tokens = self.rejected = 0
         self.start = time.monotonic()
@@ -148,9 +153,13 @@ def run_unit(
     committed = [r for i, r in enumerate(sorted(committed, key=lambda r: r.index)) if r.index == i]
     resume_at = committed[-1].next_sequence if committed else 0
     writer = ShardWriter(
-        spec.output.url, unit, spec.labels.k,
-        first_shard=len(committed), first_sequence=resume_at,
-        shard_mib=spec.output.shard_mib, row_group_mib=spec.output.row_group_mib,
+        spec.output.url,
+        unit,
+        spec.labels.k,
+        first_shard=len(committed),
+        first_sequence=resume_at,
+        shard_mib=spec.output.shard_mib,
+        row_group_mib=spec.output.row_group_mib,
         compression_level=spec.output.compression_level,
     )
     rejected: dict[str, int] = {}
@@ -187,8 +196,13 @@ def run_unit(
     progress.update(source.size)
     shards = committed + writer.close()
     record = UnitRecord(
-        unit=unit, source=source.url, sequences=count, tokens=tokens, shards=len(shards),
-        rejected=dict(sorted(rejected.items())), source_sha256=source_sha256(source),
+        unit=unit,
+        source=source.url,
+        sequences=count,
+        tokens=tokens,
+        shards=len(shards),
+        rejected=dict(sorted(rejected.items())),
+        source_sha256=source_sha256(source),
     )
     write_json_atomic(fs, join_url(root, COMMITS_DIR, f"unit-{unit:05d}.json"), asdict(record))
     return record
@@ -249,18 +263,27 @@ def _build_manifest(
     tok = tokenizer_info(tokenizer, t.tokenizer or t.model)
     tok["model_vocab_size"] = teacher_info.get("model_vocab_size")
     teacher = {
-        "model": t.model, "revision": t.revision, "max_model_len": t.max_model_len,
-        "weights": weights_fingerprint(t.model, t.weights_hash), **teacher_info,
+        "model": t.model,
+        "revision": t.revision,
+        "max_model_len": t.max_model_len,
+        "weights": weights_fingerprint(t.model, t.weights_hash),
+        **teacher_info,
     }
     corpus = {
         "sources": [
             {"url": s.url, "size": s.size, "sha256": units[i].source_sha256} for i, s in enumerate(sources)
         ],
-        "text_field": spec.corpus.text_field, "messages_field": spec.corpus.messages_field,
+        "text_field": spec.corpus.text_field,
+        "messages_field": spec.corpus.messages_field,
         "packing": asdict(spec.packing),
     }
     return Manifest(
-        k=spec.labels.k, teacher=teacher, tokenizer=tok, corpus=corpus,
-        spec_sha256=spec.content_hash(), shards=keep, units=[units[u] for u in sorted(units)],
+        k=spec.labels.k,
+        teacher=teacher,
+        tokenizer=tok,
+        corpus=corpus,
+        spec_sha256=spec.content_hash(),
+        shards=keep,
+        units=[units[u] for u in sorted(units)],
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )

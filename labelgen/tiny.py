@@ -13,9 +13,17 @@ from __future__ import annotations
 import importlib
 import json
 import random
+import warnings
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "stdlib_texts", "write_jsonl_corpus", "build_tokenizer", "build_llama"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "stdlib_texts",
+    "write_jsonl_corpus",
+    "build_tokenizer",
+    "build_llama",
+    "pretrain",
+]
 
 # A minimal chat template with the prefix property (rendering the first n messages
 # is a prefix of rendering n+1), which the chat masking relies on.
@@ -25,29 +33,75 @@ CHAT_TEMPLATE = (
 )
 
 _MODULES = [
-    "json", "csv", "argparse", "pathlib", "collections", "functools", "itertools",
-    "subprocess", "logging", "dataclasses", "typing", "random", "statistics", "textwrap",
-    "string", "re", "datetime", "decimal", "fractions", "heapq", "bisect", "shutil",
-    "tempfile", "zipfile", "tarfile", "gzip", "hashlib", "hmac", "secrets", "socket",
-    "threading", "queue", "sched", "contextlib", "abc", "enum", "copy", "pprint",
-    "inspect", "ast", "tokenize", "difflib", "calendar", "uuid", "base64", "struct",
+    "json",
+    "csv",
+    "argparse",
+    "pathlib",
+    "collections",
+    "functools",
+    "itertools",
+    "subprocess",
+    "logging",
+    "dataclasses",
+    "typing",
+    "random",
+    "statistics",
+    "textwrap",
+    "string",
+    "re",
+    "datetime",
+    "decimal",
+    "fractions",
+    "heapq",
+    "bisect",
+    "shutil",
+    "tempfile",
+    "zipfile",
+    "tarfile",
+    "gzip",
+    "hashlib",
+    "hmac",
+    "secrets",
+    "socket",
+    "threading",
+    "queue",
+    "sched",
+    "contextlib",
+    "abc",
+    "enum",
+    "copy",
+    "pprint",
+    "inspect",
+    "ast",
+    "tokenize",
+    "difflib",
+    "calendar",
+    "uuid",
+    "base64",
+    "struct",
 ]
 
 
 def stdlib_texts(min_chars: int = 200) -> list[str]:
     """Docstrings of standard-library modules, classes and functions, in a fixed order."""
     texts: list[str] = []
-    for name in _MODULES:
-        mod = importlib.import_module(name)
-        if mod.__doc__ and len(mod.__doc__) >= min_chars:
-            texts.append(mod.__doc__.strip())
-        for attr in sorted(vars(mod)):
-            if attr.startswith("_"):
-                continue
-            doc = getattr(getattr(mod, attr), "__doc__", None)
-            if isinstance(doc, str) and len(doc) >= min_chars and doc.strip() not in texts:
-                texts.append(doc.strip())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated aliases (typing.io, ...) warn on access
+        for name in _MODULES:
+            _module_texts(importlib.import_module(name), min_chars, texts)
     return texts
+
+
+def _module_texts(mod, min_chars: int, texts: list[str]) -> None:
+    """Append the module's docstring and its public members' docstrings, unseen ones only."""
+    if mod.__doc__ and len(mod.__doc__) >= min_chars:
+        texts.append(mod.__doc__.strip())
+    for attr in sorted(vars(mod)):
+        if attr.startswith("_"):
+            continue
+        doc = getattr(getattr(mod, attr), "__doc__", None)
+        if isinstance(doc, str) and len(doc) >= min_chars and doc.strip() not in texts:
+            texts.append(doc.strip())
 
 
 def write_jsonl_corpus(path: str | Path, texts: list[str], chat_every: int = 0, seed: int = 0) -> Path:
@@ -139,3 +193,49 @@ def build_llama(
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def pretrain(
+    model_dir: str | Path,
+    texts: list[str],
+    steps: int = 200,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log=None,
+) -> dict[str, float]:
+    """Train the saved model at ``model_dir`` on ``texts`` with plain CE and save it back.
+
+    Makes a tiny teacher that has actually learned its corpus, so its labels carry
+    information a student can distil. Returns the first and last training loss.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    data = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        rows = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
+        loss = model(input_ids=data[rows], labels=data[rows]).loss
+        optim.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        losses.append(loss.item())
+        if log and (step + 1) % max(steps // 5, 1) == 0:
+            log(f"  teacher pretraining step {step + 1}/{steps} | ce {loss.item():.3f}")
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    return {"first_loss": losses[0], "last_loss": losses[-1]}

@@ -165,9 +165,7 @@ class ShardWriter:
             Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
             Columns.TARGET_LOGPROBS: lists([lab.target_logprobs for lab in labs], pa.float32()),
         }
-        return pa.Table.from_arrays(
-            [columns[f.name].cast(f.type) for f in self.schema], schema=self.schema
-        )
+        return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in self.schema], schema=self.schema)
 
     def _flush_row_group(self) -> None:
         if not self._rows:

@@ -123,9 +123,7 @@ def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     for key in unknown:
-        errors.append(
-            f"{_join(path, str(key))} is not a known field; expected one of: {', '.join(fields)}"
-        )
+        errors.append(f"{_join(path, str(key))} is not a known field; expected one of: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = _join(path, name)

@@ -120,8 +120,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     specials = {
-        name: getattr(tokenizer, name, None)
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
     }
     payload = json.dumps({"vocab": vocab, "specials": specials}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,101 @@
+"""The label-format contract: light imports, manifest round trip, version checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from labelgen.contract.format import (
+    FORMAT_VERSION,
+    FormatError,
+    Manifest,
+    ShardRecord,
+    UnitRecord,
+    label_schema,
+    read_manifest,
+    shard_name,
+    token_hash,
+)
+
+
+def test_contract_and_students_data_import_no_heavy_libraries():
+    code = (
+        "import sys, labelgen.contract, labelgen.spec, students.config, students.data\n"
+        "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_students_import_only_the_contract_from_labelgen():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "students"
+    for path in root.glob("*.py"):
+        for line in path.read_text().splitlines():
+            if line.strip().startswith(("from labelgen", "import labelgen")):
+                assert line.strip().startswith("from labelgen.contract"), (path.name, line)
+
+
+def test_schema_is_flat_and_non_nullable():
+    schema = label_schema()
+    for field in schema:
+        assert not field.nullable, field.name
+        if hasattr(field.type, "value_type"):
+            assert not hasattr(field.type.value_type, "value_type"), f"{field.name} is a list of lists"
+    assert schema.metadata[b"labelgen.format_version"] == FORMAT_VERSION.encode()
+
+
+def test_shard_names_sort_in_unit_order():
+    names = [shard_name(u, s) for u in (0, 1, 10) for s in (0, 2, 11)]
+    assert names == sorted(names)
+
+
+def test_token_hash_depends_on_every_token():
+    a = np.arange(100, dtype=np.int32)
+    b = a.copy()
+    b[57] += 1
+    assert token_hash(a) == token_hash(a.astype(np.int64)) != token_hash(b)
+
+
+def _manifest() -> Manifest:
+    shard = ShardRecord("shards/part-00000-00000.parquet", 0, 0, 3, 30, 27, 1, 100, "ab", 0, 3)
+    unit = UnitRecord(0, "file:///c.jsonl", 3, 30, 1, {"empty_text": 2}, "cd")
+    return Manifest(
+        k=4,
+        teacher={"model": "m"},
+        tokenizer={"fingerprint": "f"},
+        corpus={},
+        spec_sha256="s",
+        shards=[shard],
+        units=[unit, unit],
+        created_at="now",
+    )
+
+
+def test_manifest_round_trip_and_totals(tmp_path):
+    m = _manifest()
+    (tmp_path / "manifest.json").write_text(m.to_json())
+    back = read_manifest(str(tmp_path))
+    assert back == m
+    assert back.totals["tokens"] == 30 and back.rejected == {"empty_text": 4}
+
+
+def test_missing_manifest_means_incomplete(tmp_path):
+    (tmp_path / "_commits").mkdir()
+    (tmp_path / "_commits" / "part-00000-00000.json").write_text("{}")
+    with pytest.raises(FormatError, match="incomplete.*1 shard\\(s\\) are committed"):
+        read_manifest(str(tmp_path))
+
+
+def test_version_mismatch_names_both_versions(tmp_path):
+    data = json.loads(_manifest().to_json())
+    data["format_version"] = "2.0"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=f"format version 2.0, this reader supports {FORMAT_VERSION}"):
+        read_manifest(str(tmp_path))

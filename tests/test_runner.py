@@ -1,0 +1,129 @@
+"""The local runner with a deterministic fake teacher: shards, manifest, resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_spec
+from fakes import FakeTeacher
+
+from labelgen.contract.configs import load_config
+from labelgen.contract.format import Columns, read_manifest, token_hash
+from labelgen.corpus import CorpusError
+from labelgen.provenance import ModelPathError
+from labelgen.runner import JobError, run_job
+from labelgen.spec import JobSpec
+
+
+def job(teacher_dir, corpus_dir, out, **sections) -> JobSpec:
+    return load_config(JobSpec, make_spec(teacher_dir, corpus_dir, str(out), **sections))
+
+
+def table(url, manifest):
+    return [pq.read_table(f"{url}/{s.path}") for s in manifest.shards]
+
+
+def rows(url):
+    m = read_manifest(str(url))
+    out = []
+    for t in table(url, m):
+        out.extend(t.to_pylist())
+    return out
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingTeacher(FakeTeacher):
+    def __init__(self, k, after):
+        super().__init__(k)
+        self.after = after
+
+    def label(self, batch):
+        if self.calls >= self.after:
+            raise Crash("killed")
+        return super().label(batch)
+
+
+def test_shards_manifest_and_values(teacher_dir, corpus_dir, tmp_path):
+    spec = job(teacher_dir, corpus_dir, tmp_path / "out")
+    fake = FakeTeacher(spec.labels.k)
+    m = run_job(spec, show_progress=False, teacher_factory=lambda s: fake)
+    assert len(m.units) == 2 and len(m.shards) > 2, "shards must rotate at 0.25 MiB"
+    assert m.rejected == {
+        "empty_text": 1,
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "wrong_type": 1,
+    }
+    assert m.tokenizer["vocab_size"] == 512 and m.tokenizer["model_vocab_size"] == 1024
+    assert m.teacher["weights"]["sha256"] and m.corpus["sources"][0]["sha256"]
+    data = rows(tmp_path / "out")
+    assert len(data) == m.totals["rows"] and len({r["sample_id"] for r in data}) == len(data)
+    for r in data[:50]:
+        ids = np.array(r[Columns.INPUT_IDS], np.int32)
+        t = len(ids)
+        assert r[Columns.NUM_TOKENS] == t and r[Columns.TOKEN_HASH] == token_hash(ids)
+        top = np.array(r[Columns.TOPK_IDS]).reshape(t - 1, spec.labels.k)
+        lps = np.array(r[Columns.TOPK_LOGPROBS], np.float32).reshape(t - 1, spec.labels.k)
+        ref = fake.logprobs[ids[:-1]]
+        np.testing.assert_array_equal(top[:, 0], ref.argmax(-1))
+        np.testing.assert_allclose(lps[:, 0], ref.max(-1), rtol=1e-6)
+        np.testing.assert_allclose(r[Columns.TARGET_LOGPROBS], ref[np.arange(t - 1), ids[1:]], rtol=1e-5)
+        assert np.all(np.diff(lps, axis=1) <= 0)
+    meta = pq.ParquetFile(f"{tmp_path}/out/{m.shards[0].path}").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert (tmp_path / "out" / "job-spec.yaml").is_file()
+
+
+def test_crash_and_rerun_gives_identical_dataset(teacher_dir, corpus_dir, tmp_path):
+    spec = job(teacher_dir, corpus_dir, tmp_path / "ref")
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    crashed = dataclasses.replace(spec, output=dataclasses.replace(spec.output, url=str(tmp_path / "re")))
+    for after in (3, 7, 11):  # crash three times at different points, then finish
+        with pytest.raises(Crash):
+            run_job(
+                crashed,
+                show_progress=False,
+                teacher_factory=lambda s, a=after: CrashingTeacher(s.labels.k, a),
+            )
+        with pytest.raises(Exception, match="incomplete"):
+            read_manifest(str(tmp_path / "re"))
+    run_job(crashed, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert rows(tmp_path / "re") == rows(tmp_path / "ref")
+    a, b = read_manifest(str(tmp_path / "ref")), read_manifest(str(tmp_path / "re"))
+    assert [(s.path, s.rows, s.sha256) for s in a.shards] == [(s.path, s.rows, s.sha256) for s in b.shards]
+    assert a.rejected == b.rejected
+
+
+def test_rerun_of_complete_job_does_nothing_and_other_spec_is_refused(teacher_dir, corpus_dir, tmp_path):
+    spec = job(teacher_dir, corpus_dir, tmp_path / "o")
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+
+    def no_teacher(_):
+        raise AssertionError("a complete job must not start the teacher")
+
+    run_job(spec, show_progress=False, teacher_factory=no_teacher)
+    other = job(teacher_dir, corpus_dir, tmp_path / "o", labels={"k": 4})
+    with pytest.raises(JobError, match="different job spec.*output.overwrite=true"):
+        run_job(other, show_progress=False, teacher_factory=no_teacher)
+    forced = job(teacher_dir, corpus_dir, tmp_path / "o", labels={"k": 4}, output={"overwrite": True})
+    m = run_job(forced, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert m.k == 4
+
+
+def test_bad_paths_fail_before_the_model_loads(teacher_dir, corpus_dir, tmp_path):
+    def no_teacher(_):
+        raise AssertionError("must fail before the teacher starts")
+
+    missing_model = job(tmp_path / "no-such-model", corpus_dir, tmp_path / "o")
+    with pytest.raises(ModelPathError, match="no-such-model.*does not exist"):
+        run_job(missing_model, show_progress=False, teacher_factory=no_teacher)
+    missing_corpus = job(teacher_dir, tmp_path / "nothing-here", tmp_path / "o")
+    with pytest.raises(CorpusError, match="matches no file"):
+        run_job(missing_corpus, show_progress=False, teacher_factory=no_teacher)
