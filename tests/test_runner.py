@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from conftest import make_spec
 from fakes import FakeTeacher
-
 from labelgen.contract.configs import load_config
 from labelgen.contract.format import Columns, read_manifest, token_hash
 from labelgen.corpus import CorpusError

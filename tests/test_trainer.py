@@ -1,0 +1,88 @@
+"""The trainer: tokenizer refusal, loss wiring, checkpoint + exact resume, eval metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_spec
+from fakes import FakeTeacher
+from labelgen.contract.configs import load_config
+from labelgen.runner import run_job
+from labelgen.spec import JobSpec
+from students.config import TrainConfig
+from students.trainer import TokenizerMismatchError, Trainer
+
+
+@pytest.fixture(scope="module")
+def fake_labels(teacher_dir, corpus_dir, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("fake-labels-trainer") / "ds")
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out))
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    return out
+
+
+def config(url, teacher_dir, out, **sections) -> TrainConfig:
+    data = {
+        "model": {
+            "tokenizer": str(teacher_dir),
+            "init": {
+                "model_type": "llama",
+                "vocab_size": 512,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "num_key_value_heads": 1,
+                "max_position_embeddings": 256,
+            },
+        },
+        "data": {"url": url, "batch_sequences": 4, "holdout_row_groups": 2},
+        "optim": {"lr": 1e-3, "max_steps": 6},
+        "train": {"output_dir": str(out), "log_every": 2, "eval_every": 0, "eval_batches": 3, "threads": 1},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return load_config(TrainConfig, data)
+
+
+def test_refuses_labels_from_another_tokenizer(fake_labels, texts, tmp_path):
+    from labelgen.tiny import build_tokenizer
+
+    other = tmp_path / "other-tok"
+    build_tokenizer(other, texts[:50], vocab_size=300)
+    trainer = Trainer(config(fake_labels, other, tmp_path / "run"), log=lambda m: None)
+    with pytest.raises(TokenizerMismatchError) as info:
+        trainer.setup()
+    assert "were made with tokenizer" in str(info.value) and str(other) in str(info.value)
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(fake_labels, teacher_dir, tmp_path):
+    constant = {"schedule": "constant"}  # the LR then does not depend on max_steps
+    full = Trainer(config(fake_labels, teacher_dir, tmp_path / "full", optim=constant), log=lambda m: None)
+    full.setup()
+    metrics = full.train()
+    assert set(metrics) >= {"kl", "agree", "ce", "teacher_ce"} and metrics["positions"] > 0
+
+    first = config(fake_labels, teacher_dir, tmp_path / "part", optim={**constant, "max_steps": 3})
+    part = Trainer(first, log=lambda m: None)
+    part.setup()
+    part.train()
+    logs: list[str] = []
+    resumed = Trainer(config(fake_labels, teacher_dir, tmp_path / "part", optim=constant), log=logs.append)
+    resumed.setup()
+    assert resumed.step == 3 and any("resumed from" in line for line in logs)
+    resumed.train()
+    assert resumed.step == 6
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_alpha_zero_is_plain_ce(fake_labels, teacher_dir, tmp_path):
+    trainer = Trainer(
+        config(fake_labels, teacher_dir, tmp_path / "ce", loss={"alpha": 0.0}), log=lambda m: None
+    )
+    trainer.setup()
+    batch = {k: torch.from_numpy(v) for k, v in next(iter(trainer.train_stream)).items()}
+    parts = trainer.losses(batch)
+    assert parts["kd"].item() == 0.0 and parts["loss"].item() == pytest.approx(parts["ce"].item())
