@@ -195,11 +195,13 @@ def _read_text(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     elif spec.text_split == "line":
         pieces = data.split(b"\n")
     else:
-        pieces = [p for p in data.replace(b"\r\n", b"\n").split(b"\n\n")]
+        pieces = data.replace(b"\r\n", b"\n").split(b"\n\n")
     consumed = 0
     for index, piece in enumerate(pieces):
         consumed += len(piece) + 1
         progress = min(consumed, source.size)
+        if not piece.strip():
+            continue  # blank lines separate records in text files; they are not records
         try:
             text = piece.decode("utf-8")
         except UnicodeDecodeError:

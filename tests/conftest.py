@@ -78,3 +78,17 @@ def make_spec(teacher_dir: Path, corpus_dir: Path, out_url: str, **sections) -> 
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+@pytest.fixture(scope="session")
+def fake_labels(teacher_dir, corpus_dir, tmp_path_factory) -> str:
+    """The corpus labeled by the deterministic fake teacher (fast; no vLLM)."""
+    from fakes import FakeTeacher
+    from labelgen.contract.configs import load_config
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+
+    out = str(tmp_path_factory.mktemp("fake-labels") / "ds")
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out))
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    return out

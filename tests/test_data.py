@@ -6,21 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_spec
-from fakes import FakeTeacher
-from labelgen.contract.configs import load_config
 from labelgen.contract.format import FormatError, read_manifest
-from labelgen.runner import run_job
-from labelgen.spec import JobSpec
 from students.data import LabelStream, row_group_refs
-
-
-@pytest.fixture(scope="module")
-def fake_labels(teacher_dir, corpus_dir, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("fake-labels") / "ds")
-    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out))
-    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
-    return out
 
 
 def stream(url, **kw) -> LabelStream:

@@ -5,21 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_spec
-from fakes import FakeTeacher
 from labelgen.contract.configs import load_config
-from labelgen.runner import run_job
-from labelgen.spec import JobSpec
 from students.config import TrainConfig
 from students.trainer import TokenizerMismatchError, Trainer
-
-
-@pytest.fixture(scope="module")
-def fake_labels(teacher_dir, corpus_dir, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("fake-labels-trainer") / "ds")
-    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out))
-    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
-    return out
 
 
 def config(url, teacher_dir, out, **sections) -> TrainConfig:
