@@ -89,7 +89,7 @@ def main() -> int:
 
     step("2/4 label the corpus with the teacher on vLLM")
     sh("labelgen", "validate", JOB)
-    sh("labelgen", "run", JOB)
+    sh("labelgen", "run", JOB, "output.overwrite=true")  # a changed spec relabels; the same spec resumes
     sh("labelgen", "inspect", "demo-output/labels")
 
     step("3/4 train students from the shard URL")
