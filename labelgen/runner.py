@@ -161,6 +161,9 @@ def run_unit(
         shard_mib=spec.output.shard_mib,
         row_group_mib=spec.output.row_group_mib,
         compression_level=spec.output.compression_level,
+        draws=spec.labels.draws > 0,
+        hidden_layers=tuple(spec.hidden.layers),
+        hidden_dtype=spec.hidden.dtype,
     )
     rejected: dict[str, int] = {}
     position = {"bytes": 0}
@@ -277,7 +280,24 @@ def _build_manifest(
         "messages_field": spec.corpus.messages_field,
         "packing": asdict(spec.packing),
     }
+    products: dict[str, Any] = {}
+    if spec.labels.draws:
+        products["draws"] = {
+            "n": spec.labels.draws,
+            "temperature": spec.labels.draw_temperature,
+            "seed": spec.labels.seed,
+        }
+    if spec.hidden.layers:
+        products["hidden"] = {
+            "layers": list(spec.hidden.layers),
+            "every": spec.hidden.every,
+            "dtype": spec.hidden.dtype,
+            "dim": teacher_info.get("hidden_size"),
+            "seed": spec.labels.seed,
+            "numbering": "0 = embeddings, i = output of decoder layer i, last = after the final norm",
+        }
     return Manifest(
+        products=products,
         k=spec.labels.k,
         teacher=teacher,
         tokenizer=tok,

@@ -23,7 +23,16 @@ import yaml
 
 from labelgen.contract.configs import config_to_dict, load_config, load_config_file
 
-__all__ = ["TeacherSpec", "CorpusSpec", "PackingSpec", "LabelsSpec", "OutputSpec", "JobSpec", "load_spec"]
+__all__ = [
+    "TeacherSpec",
+    "CorpusSpec",
+    "PackingSpec",
+    "LabelsSpec",
+    "HiddenSpec",
+    "OutputSpec",
+    "JobSpec",
+    "load_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -108,10 +117,49 @@ class PackingSpec:
 class LabelsSpec:
     k: int = 64
     """Top-k log-probs stored per position (plus the real next token's log-prob)."""
+    extraction: Literal["auto", "hook", "public"] = "auto"
+    """How labels leave vLLM: 'hook' computes them inside vLLM's worker (one pass, no
+    per-position Python objects; needed for draws and hidden states); 'public' uses
+    vLLM's flat prompt-logprobs output; 'auto' tries the hook and falls back with a
+    message where it cannot run."""
+    draws: int = 0
+    """Random-sampling KD labels: draws per position from the teacher's full
+    distribution, stored as unique ids + counts (0 = off; at most 255)."""
+    draw_temperature: float = 1.0
+    """Temperature of the distribution the draws come from."""
+    seed: int = 0
+    """Seed of the draws and of the hidden-state positions."""
 
     def check(self):
         if self.k < 1:
             yield "k", f"must be >= 1, got {self.k}"
+        if not 0 <= self.draws <= 255:
+            yield "draws", f"must be in 0..255, got {self.draws}"
+        if self.draw_temperature <= 0:
+            yield "draw_temperature", f"must be > 0, got {self.draw_temperature}"
+        if self.draws and self.extraction == "public":
+            yield (
+                "extraction",
+                "must be 'hook' or 'auto' when labels.draws > 0 (the public path has no draws)",
+            )
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    layers: list[int] = field(default_factory=list)
+    """Hidden-state layers to sample (HF numbering: 0 = embeddings, i = output of decoder
+    layer i; the last one is after the final norm, as in transformers). Empty = off."""
+    every: int = 16
+    """One sampled position every this many tokens (seeded phase per sequence)."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the hidden-state vectors."""
+
+    def check(self):
+        if self.every < 1:
+            yield "every", f"must be >= 1, got {self.every}"
+        for i, layer in enumerate(self.layers):
+            if layer < 0:
+                yield f"layers[{i}]", f"must be >= 0, got {layer}"
 
 
 @dataclass(frozen=True)
@@ -148,11 +196,21 @@ class JobSpec:
     """How text becomes token sequences."""
     labels: LabelsSpec = field(default_factory=LabelsSpec)
     """What is stored per position."""
+    hidden: HiddenSpec = field(default_factory=HiddenSpec)
+    """Hidden-state samples, written to their own shards (off by default)."""
 
     def check(self):
         limit = self.teacher.max_model_len
         if limit is not None and self.packing.seq_len > limit:
             yield "packing.seq_len", f"({self.packing.seq_len}) must be <= teacher.max_model_len ({limit})"
+        if self.hidden.layers:
+            if self.labels.extraction == "public":
+                yield "labels.extraction", "must be 'hook' or 'auto' when hidden.layers is set"
+            if self.teacher.engine_args.get("enforce_eager") is not True:
+                yield (
+                    "teacher.engine_args.enforce_eager",
+                    "must be true when hidden.layers is set (compiled graphs skip the layer hooks)",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

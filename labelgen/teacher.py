@@ -25,11 +25,22 @@ class SequenceLabels:
     topk_ids: np.ndarray  # (T-1, k) int32, by descending log-prob
     topk_logprobs: np.ndarray  # (T-1, k) float32, raw (temperature 1)
     target_logprobs: np.ndarray  # (T-1,) float32, log p(input_ids[t+1] | input_ids[:t+1])
+    # Random-sampling labels (when labels.draws > 0): per position t, draw_num[t] unique
+    # ids with their counts, flattened in position order.
+    draw_num: np.ndarray | None = None  # (T-1,) int
+    draw_ids: np.ndarray | None = None  # (sum draw_num,) int32
+    draw_counts: np.ndarray | None = None  # (sum draw_num,) int
+    # Hidden-state samples (when hidden.layers is set).
+    hidden_positions: np.ndarray | None = None  # (P,) int64 token positions
+    hidden: dict[int, np.ndarray] | None = None  # layer id -> (P, D)
 
     def validate(self, num_tokens: int, k: int) -> None:
         assert self.topk_ids.shape == (num_tokens - 1, k), (self.topk_ids.shape, num_tokens, k)
         assert self.topk_logprobs.shape == (num_tokens - 1, k)
         assert self.target_logprobs.shape == (num_tokens - 1,)
+        if self.draw_num is not None:
+            assert self.draw_num.shape == (num_tokens - 1,)
+            assert self.draw_ids is not None and len(self.draw_ids) == int(self.draw_num.sum())
 
 
 class Teacher(Protocol):

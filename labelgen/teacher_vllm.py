@@ -1,6 +1,12 @@
 """The vLLM teacher: prompt log-probs of token-id prompts, as numpy arrays.
 
-The only module that imports vllm. Uses the public flat path:
+The only module that imports vllm. Two paths produce identical top-k labels:
+
+- the *hook* (default where it runs): :mod:`labelgen.extraction` is installed as a
+  worker extension and computes every label product inside vLLM's worker, in one pass,
+  returning arrays; requests ask for ``prompt_logprobs=0`` only so that vLLM computes
+  hidden states at every prompt position;
+- the *public* path (fallback, and ``labels.extraction: public``):
 ``SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True,
 detokenize=False)`` on an engine with ``max_logprobs=k``,
 ``logprobs_mode="raw_logprobs"`` and prefix caching off. With flat logprobs every
@@ -12,6 +18,8 @@ is entry t+1.
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,6 +44,9 @@ class VllmTeacher:
         self._spec = spec
         self._version = vllm.__version__
         engine_args: dict[str, Any] = {"seed": 0, **t.engine_args}
+        wants_hook = spec.labels.extraction != "public"
+        if wants_hook:
+            engine_args.setdefault("worker_extension_cls", "labelgen.extraction.LabelExtractor")
         self._llm = LLM(
             model=t.model,
             tokenizer=t.tokenizer or t.model,
@@ -54,13 +65,79 @@ class VllmTeacher:
             detokenize=False,
         )
         self._engine_args = engine_args
+        self.extraction = "public"
+        if wants_hook:
+            self.extraction = self._install_hook(spec)
+        if self.extraction == "hook":
+            self._params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+
+    def _install_hook(self, spec: JobSpec) -> str:
+        from labelgen.extraction import SUPPORTED_VLLM
+
+        options = {
+            "k": self.k,
+            "draws": spec.labels.draws,
+            "draw_temperature": spec.labels.draw_temperature,
+            "seed": spec.labels.seed,
+            "layers": list(spec.hidden.layers),
+            "hidden_every": spec.hidden.every,
+            "hidden_dtype": spec.hidden.dtype,
+        }
+        version = ".".join(self._version.split(".")[:2])
+        try:
+            if version not in SUPPORTED_VLLM:
+                raise RuntimeError(f"vLLM {self._version} is not one of {', '.join(SUPPORTED_VLLM)}")
+            self._llm.collective_rpc("labelgen_install", args=(options,))
+            return "hook"
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the public path
+            needs_hook = spec.labels.draws or spec.hidden.layers or spec.labels.extraction == "hook"
+            if needs_hook:
+                raise RuntimeError(
+                    f"on-device label extraction cannot run here ({exc}); labels.draws, hidden.layers "
+                    "and labels.extraction=hook need it. Use a supported vLLM version, or set "
+                    "labels.extraction=public with no draws and no hidden layers"
+                ) from exc
+            print(
+                f"labelgen: on-device extraction unavailable ({exc}); using vLLM's public flat "
+                "prompt-logprobs path (same labels, slower)",
+                file=sys.stderr,
+            )
+            return "public"
 
     def label(self, batch: list[np.ndarray]) -> list[SequenceLabels]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=ids.tolist()) for ids in batch]
         outputs = self._llm.generate(prompts, self._params, use_tqdm=False)
+        if self.extraction == "hook":
+            return self._collect(batch)
         return [self._convert(out.prompt_logprobs, len(ids)) for out, ids in zip(outputs, batch, strict=True)]
+
+    def _collect(self, batch: list[np.ndarray]) -> list[SequenceLabels]:
+        """Fetch the worker's arrays and match them to the batch by prompt hash."""
+        from labelgen.contract.format import token_hash
+
+        found: dict[int, dict[str, Any]] = {}
+        for blob in self._llm.collective_rpc("labelgen_fetch"):
+            for item in pickle.loads(blob):
+                found[item["prompt_hash"]] = item
+        labels = []
+        for ids in batch:
+            item = found.get(token_hash(ids))
+            assert item is not None, "the extractor returned no labels for a request"
+            labels.append(
+                SequenceLabels(
+                    topk_ids=item["topk_ids"],
+                    topk_logprobs=item["topk_logprobs"],
+                    target_logprobs=item["target_logprobs"],
+                    draw_num=item.get("draw_num"),
+                    draw_ids=item.get("draw_ids"),
+                    draw_counts=item.get("draw_counts"),
+                    hidden_positions=item.get("hidden_positions"),
+                    hidden=item.get("hidden"),
+                )
+            )
+        return labels
 
     def _convert(self, flat: Any, num_tokens: int) -> SequenceLabels:
         k = self.k
@@ -81,10 +158,12 @@ class VllmTeacher:
         config = self._llm.llm_engine.model_config
         return {
             "engine": "vllm",
+            "extraction": self.extraction,
             "vllm_version": self._version,
             "logprobs_mode": "raw_logprobs",
             "dtype": str(config.dtype).replace("torch.", ""),
             "model_vocab_size": int(config.get_vocab_size()),
+            "hidden_size": int(config.get_hidden_size()),
             "engine_args": self._engine_args,
             "tensor_parallel_size": int(self._engine_args.get("tensor_parallel_size", 1)),
         }

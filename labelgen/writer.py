@@ -24,9 +24,11 @@ import pyarrow.parquet as pq
 
 from labelgen.contract.format import (
     COMMITS_DIR,
+    HIDDEN_DIR,
     SHARDS_DIR,
     Columns,
     ShardRecord,
+    hidden_schema,
     join_url,
     label_schema,
     shard_name,
@@ -35,7 +37,13 @@ from labelgen.contract.format import (
 from labelgen.packing import Sequence
 from labelgen.teacher import SequenceLabels
 
-__all__ = ["ShardWriter", "write_json_atomic", "write_text_atomic", "parquet_write_options"]
+__all__ = [
+    "ShardWriter",
+    "hidden_bytes",
+    "write_json_atomic",
+    "write_text_atomic",
+    "parquet_write_options",
+]
 
 _MIB = 1 << 20
 
@@ -77,6 +85,18 @@ def _is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def hidden_bytes(values: np.ndarray, dtype: str) -> bytes:
+    """(P, D) float array → little-endian bytes in ``dtype`` (bfloat16: rounded to nearest even)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == "float32":
+        return values.astype("<f4").tobytes()
+    if dtype == "float16":
+        return values.astype("<f2").tobytes()
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -98,13 +118,21 @@ class ShardWriter:
         shard_mib: float,
         row_group_mib: float,
         compression_level: int,
+        draws: bool = False,
+        hidden_layers: tuple[int, ...] = (),
+        hidden_dtype: str = "float16",
     ):
         self.fs, self.root = fsspec.core.url_to_fs(root_url)
         self.unit, self.k = unit, k
+        self.draws = draws
+        self.hidden_layers, self.hidden_dtype = tuple(hidden_layers), hidden_dtype
+        self.hidden_schema = hidden_schema(self.hidden_layers) if self.hidden_layers else None
+        self._hidden_writer: pq.ParquetWriter | None = None
+        self._hidden_sink: pa.NativeFile | None = None
         self.shard_bytes = int(shard_mib * _MIB)
         self.row_group_bytes = int(row_group_mib * _MIB)
         self.options = parquet_write_options(compression_level)
-        self.schema = label_schema()
+        self.schema = label_schema(draws=draws)
         self.next_shard = first_shard
         self.next_sequence = first_sequence
         self.committed: list[ShardRecord] = []
@@ -152,10 +180,19 @@ class ShardWriter:
             lengths = np.fromiter((a.size for a in arrays), dtype=np.int32, count=len(arrays))
             offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
             np.cumsum(lengths, out=offsets[1:])
-            values = pa.array(np.concatenate([a.ravel() for a in arrays]), type=value_type)
-            return pa.ListArray.from_arrays(pa.array(offsets), values)
+            values = pa.array(np.concatenate([np.asarray(a).ravel() for a in arrays]))
+            return pa.ListArray.from_arrays(pa.array(offsets), values.cast(value_type))
 
+        if self.draws:
+            draw_columns = {
+                Columns.DRAW_NUM: lists([lab.draw_num for lab in labs], pa.uint8()),
+                Columns.DRAW_IDS: lists([lab.draw_ids for lab in labs], pa.int32()),
+                Columns.DRAW_COUNTS: lists([lab.draw_counts for lab in labs], pa.uint8()),
+            }
+        else:
+            draw_columns = {}
         columns = {
+            **draw_columns,
             Columns.SAMPLE_ID: pa.array([s.sample_id for s in seqs], pa.string()),
             Columns.TOKEN_HASH: pa.array([token_hash(s.input_ids) for s in seqs], pa.uint64()),
             Columns.NUM_TOKENS: pa.array([len(s.input_ids) for s in seqs], pa.int32()),
@@ -167,6 +204,33 @@ class ShardWriter:
         }
         return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in self.schema], schema=self.schema)
 
+    def _hidden_table(self) -> pa.Table:
+        assert self.hidden_schema is not None
+        seqs = [s for s, _ in self._rows]
+        labs = [lab for _, lab in self._rows]
+        for lab in labs:
+            assert lab.hidden is not None and lab.hidden_positions is not None, (
+                "teacher returned no hidden states"
+            )
+        positions = [np.asarray(lab.hidden_positions, np.int32) for lab in labs]
+        lengths = np.fromiter((len(p) for p in positions), np.int32, len(positions))
+        offsets = np.zeros(len(positions) + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat_pos = np.concatenate(positions) if positions else np.zeros(0, np.int32)
+        columns = [
+            pa.array([s.sample_id for s in seqs], pa.string()),
+            pa.array([token_hash(s.input_ids) for s in seqs], pa.uint64()),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_pos, pa.int32())),
+        ]
+        for layer in self.hidden_layers:
+            columns.append(
+                pa.array([hidden_bytes(lab.hidden[layer], self.hidden_dtype) for lab in labs], pa.binary())
+            )
+        return pa.Table.from_arrays(
+            [c.cast(f.type) for c, f in zip(columns, self.hidden_schema, strict=True)],
+            schema=self.hidden_schema,
+        )
+
     def _flush_row_group(self) -> None:
         if not self._rows:
             return
@@ -175,8 +239,20 @@ class ShardWriter:
             self._tmp_path = os.path.join(self._tmp_dir, f"{name}.parquet")
             self._sink = pa.OSFile(self._tmp_path, "wb")
             self._writer = pq.ParquetWriter(self._sink, self.schema, **self.options)
+            if self.hidden_schema is not None:
+                self._hidden_sink = pa.OSFile(self._tmp_path + ".hidden", "wb")
+                self._hidden_writer = pq.ParquetWriter(
+                    self._hidden_sink,
+                    self.hidden_schema,
+                    compression="zstd",
+                    compression_level=self.options["compression_level"],
+                    use_dictionary=False,
+                )
         table = self._table()
         self._writer.write_table(table, row_group_size=table.num_rows)
+        if self._hidden_writer is not None:
+            hidden = self._hidden_table()
+            self._hidden_writer.write_table(hidden, row_group_size=hidden.num_rows)
         stats = self._shard_stats
         stats["rows"] += table.num_rows
         stats["tokens"] += sum(len(s.input_ids) for s, _ in self._rows)
@@ -186,6 +262,21 @@ class ShardWriter:
         self._rows.clear()
         self._buffered_bytes = 0
 
+    def _publish(self, local_path: str, dest: str) -> None:
+        """Move a finished local file to ``dest`` atomically (rename, or one PUT)."""
+        if _is_local(self.fs):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp_dest = f"{dest}.tmp-{os.getpid()}"
+            with open(local_path, "rb") as src, open(tmp_dest, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp_dest, dest)
+        else:
+            self.fs.put_file(local_path, dest)
+        os.remove(local_path)
+
     def _commit(self) -> None:
         assert self._writer is not None and self._sink is not None
         self._writer.close()
@@ -193,6 +284,20 @@ class ShardWriter:
         name = shard_name(self.unit, self.next_shard)
         rel = f"{SHARDS_DIR}/{name}.parquet"
         dest = join_url(self.root, rel)
+        hidden_fields: dict[str, Any] = {}
+        if self._hidden_writer is not None:
+            assert self._hidden_sink is not None
+            self._hidden_writer.close()
+            self._hidden_sink.close()
+            hidden_tmp = self._tmp_path + ".hidden"
+            hidden_rel = f"{HIDDEN_DIR}/{name}.parquet"
+            hidden_fields = {
+                "hidden_path": hidden_rel,
+                "hidden_bytes": os.path.getsize(hidden_tmp),
+                "hidden_sha256": _sha256_file(hidden_tmp),
+            }
+            self._publish(hidden_tmp, join_url(self.root, hidden_rel))
+            self._hidden_writer = self._hidden_sink = None
         record = ShardRecord(
             path=rel,
             unit=self.unit,
@@ -202,19 +307,9 @@ class ShardWriter:
             first_sequence=self._shard_first_sequence,
             next_sequence=self.next_sequence,
             **self._shard_stats,
+            **hidden_fields,
         )
-        if _is_local(self.fs):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp_dest = f"{dest}.tmp-{os.getpid()}"
-            with open(self._tmp_path, "rb") as src, open(tmp_dest, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp_dest, dest)
-        else:
-            self.fs.put_file(self._tmp_path, dest)
-        os.remove(self._tmp_path)
+        self._publish(self._tmp_path, dest)
         write_json_atomic(self.fs, join_url(self.root, COMMITS_DIR, f"{name}.json"), asdict(record))
         self.committed.append(record)
         self.next_shard += 1

@@ -72,8 +72,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: Literal["forward_kl"] = "forward_kl"
-    """KD loss over the stored top-k plus the tail bucket."""
+    kind: Literal["forward_kl", "sampled"] = "forward_kl"
+    """'forward_kl': KL over the stored top-k plus the tail bucket. 'sampled': cross-entropy
+    to the stored random draws (unbiased for the full-vocabulary KL gradient; needs labels
+    made with labels.draws > 0; the temperature is the draws' own)."""
     alpha: float = 0.5
     """Weight of the KD term; CE on the real next token gets 1 - alpha. 1.0 = pure KD,
     0.0 = plain CE (no teacher)."""

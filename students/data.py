@@ -47,6 +47,9 @@ class Rows:
     topk_ids: np.ndarray  # (sum T-1, k) int32
     topk_logprobs: np.ndarray  # (sum T-1, k) float32
     target_logprobs: np.ndarray  # (sum T-1,) float32
+    draw_offsets: np.ndarray | None = None  # (sum T-1 + 1,) offsets into draw_ids per position
+    draw_ids: np.ndarray | None = None  # (sum U,) int32
+    draw_counts: np.ndarray | None = None  # (sum U,) uint8
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -72,7 +75,18 @@ def read_row_group(fs: Any, root: str, ref: RowGroupRef, k: int) -> Rows:
     _, top_ids = _flat(table, Columns.TOPK_IDS)
     _, top_lps = _flat(table, Columns.TOPK_LOGPROBS)
     _, tgt = _flat(table, Columns.TARGET_LOGPROBS)
+    draws: dict[str, Any] = {}
+    if Columns.DRAW_NUM in table.column_names:
+        _, num = _flat(table, Columns.DRAW_NUM)
+        offsets = np.zeros(len(num) + 1, np.int64)
+        np.cumsum(num, out=offsets[1:])
+        draws = {
+            "draw_offsets": offsets,
+            "draw_ids": _flat(table, Columns.DRAW_IDS)[1],
+            "draw_counts": _flat(table, Columns.DRAW_COUNTS)[1],
+        }
     return Rows(
+        **draws,
         k=k,
         sample_ids=table.column(Columns.SAMPLE_ID).to_pylist(),
         num_tokens=table.column(Columns.NUM_TOKENS).to_numpy(),
@@ -124,7 +138,29 @@ def collate(rows: Rows, indices: list[int]) -> dict[str, np.ndarray]:
         out["topk_logprobs"][j, : n - 1] = rows.topk_logprobs[ls : ls + n - 1]
         out["target_logprobs"][j, : n - 1] = rows.target_logprobs[ls : ls + n - 1]
     out["next_ids"] = out["input_ids"][:, 1:].copy()
+    if rows.draw_offsets is not None:
+        out.update(_collate_draws(rows, indices, lengths))
     return out
+
+
+def _collate_draws(rows: Rows, indices: list[int], lengths: list[int]) -> dict[str, np.ndarray]:
+    """Random-sampling labels as (B, T-1, U) ids and counts, zero-padded (U = most unique ids)."""
+    assert rows.draw_offsets is not None and rows.draw_ids is not None and rows.draw_counts is not None
+    b, t = len(indices), max(lengths)
+    per_position = np.diff(rows.draw_offsets)
+    width = max(
+        int(per_position[rows.label_offsets[i] : rows.label_offsets[i] + n - 1].max(initial=0))
+        for i, n in zip(indices, lengths, strict=True)
+    )
+    ids = np.zeros((b, t - 1, max(width, 1)), np.int64)
+    counts = np.zeros((b, t - 1, max(width, 1)), np.float32)
+    for j, (i, n) in enumerate(zip(indices, lengths, strict=True)):
+        first = rows.label_offsets[i]
+        for p in range(n - 1):
+            a, z = rows.draw_offsets[first + p], rows.draw_offsets[first + p + 1]
+            ids[j, p, : z - a] = rows.draw_ids[a:z]
+            counts[j, p, : z - a] = rows.draw_counts[a:z]
+    return {"draw_ids": ids, "draw_counts": counts}
 
 
 class LabelStream:

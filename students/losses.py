@@ -26,6 +26,7 @@ __all__ = [
     "bucket_kl",
     "topk_forward_kl",
     "masked_cross_entropy",
+    "sampled_kd",
 ]
 
 _NEG_INF = float("-inf")
@@ -161,3 +162,36 @@ def masked_cross_entropy(
     """
     ce = F.cross_entropy(student_logits.float(), targets.long(), reduction="none")
     return _masked_mean(ce, mask)
+
+
+def sampled_kd(
+    student_logits: torch.Tensor,
+    draw_ids: torch.Tensor,
+    draw_counts: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Random-sampling KD (Sparse Logit Sampling): cross-entropy to the teacher's draws.
+
+    The teacher's distribution at the draw temperature T is estimated by N draws per
+    position, p̂(i) = count_i / N, with E[p̂] = p_T. The loss ``-Σ p̂(i) log q_T(i)`` is
+    linear in p̂, so its expectation is exactly the full-vocabulary cross-entropy
+    ``H(p_T, q_T) = KL(p_T || q_T) + H(p_T)``; H(p_T) does not depend on the student, so
+    the gradient is an unbiased estimate of the full KL gradient. Multiplied by T².
+
+    Args:
+        student_logits: (N, V).
+        draw_ids: (N, U) unique drawn ids per position (padding: any id with count 0).
+        draw_counts: (N, U) how often each was drawn (0 = padding).
+        mask: (N,) 1 where the position counts.
+        temperature: the draw temperature (apply the same T to the student).
+
+    Returns:
+        Scalar mean over masked positions; zero when none is selected.
+    """
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    ids = draw_ids.long().clamp(max=student_logits.shape[-1] - 1)
+    counts = draw_counts.float() * (draw_ids < student_logits.shape[-1])
+    weights = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
+    ce = -(weights * log_q.gather(-1, ids)).sum(-1)
+    return _masked_mean(ce, mask) * temperature**2

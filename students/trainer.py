@@ -28,7 +28,7 @@ from labelgen.contract.configs import config_to_dict
 from labelgen.contract.format import Manifest, tokenizer_fingerprint
 from students.config import TrainConfig
 from students.data import LabelStream, open_dataset, row_group_refs
-from students.losses import bucket_kl, masked_cross_entropy, topk_forward_kl
+from students.losses import bucket_kl, masked_cross_entropy, sampled_kd, topk_forward_kl
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
 
@@ -97,6 +97,20 @@ class Trainer:
         self.manifest, _, _ = open_dataset(cfg.data.url)
         self.model, self.tokenizer, tok_path = load_student(cfg, cfg.train.seed)
         check_tokenizer(self.manifest, self.tokenizer, tok_path, cfg.data.url)
+        self.kd_temperature = cfg.loss.temperature
+        if cfg.loss.kind == "sampled":
+            draws = self.manifest.products.get("draws")
+            if not draws:
+                raise ValueError(
+                    f"loss.kind=sampled needs random-sampling labels, but {cfg.data.url} has none; "
+                    "label with labels.draws=N (e.g. 32), or use loss.kind=forward_kl"
+                )
+            if cfg.loss.temperature not in (1.0, draws["temperature"]):
+                raise ValueError(
+                    f"loss.temperature={cfg.loss.temperature} but the draws at {cfg.data.url} were made at "
+                    f"temperature {draws['temperature']}; sampled KD uses the draws' temperature"
+                )
+            self.kd_temperature = float(draws["temperature"])
         refs = row_group_refs(self.manifest)
         if cfg.data.eval_url:
             eval_manifest, _, _ = open_dataset(cfg.data.eval_url)
@@ -161,13 +175,22 @@ class Trainer:
         k = batch["topk_ids"].shape[-1]
         loss_cfg = self.cfg.loss
         ce = masked_cross_entropy(flat, batch["next_ids"].reshape(-1), mask)
-        if loss_cfg.alpha > 0:
+        if loss_cfg.alpha > 0 and loss_cfg.kind == "sampled":
+            width = batch["draw_ids"].shape[-1]
+            kd = sampled_kd(
+                flat,
+                batch["draw_ids"].reshape(-1, width),
+                batch["draw_counts"].reshape(-1, width),
+                mask,
+                self.kd_temperature,
+            )
+        elif loss_cfg.alpha > 0:
             kd = topk_forward_kl(
                 flat,
                 batch["topk_ids"].reshape(-1, k),
                 batch["topk_logprobs"].reshape(-1, k),
                 mask,
-                loss_cfg.temperature,
+                self.kd_temperature,
             )
         else:
             kd = torch.zeros((), dtype=ce.dtype)

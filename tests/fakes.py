@@ -12,8 +12,9 @@ from labelgen.teacher import SequenceLabels
 
 
 class FakeTeacher:
-    def __init__(self, k: int, vocab: int = 1024, seed: int = 0):
+    def __init__(self, k: int, vocab: int = 1024, seed: int = 0, draws: int = 0, layers=(), dim: int = 8):
         self.k, self.vocab = k, vocab
+        self.draws, self.layers, self.dim = draws, tuple(layers), dim
         rng = np.random.default_rng(seed)
         logits = rng.normal(size=(vocab, vocab)).astype(np.float64) * 3
         self.logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -30,12 +31,38 @@ class FakeTeacher:
                     topk_ids=top.astype(np.int32),
                     topk_logprobs=np.take_along_axis(lp, top, -1).astype(np.float32),
                     target_logprobs=lp[np.arange(len(ids) - 1), ids[1:]].astype(np.float32),
+                    **self._extra(ids, lp),
                 )
             )
         return out
 
+    def _extra(self, ids, lp) -> dict:
+        """Draws and hidden states when asked for: deterministic per sequence."""
+        extra: dict = {}
+        rng = np.random.default_rng([int(x) for x in ids[:4]] + [len(ids)])
+        if self.draws:
+            pairs = [
+                np.unique(rng.choice(self.vocab, self.draws, p=np.exp(row)), return_counts=True) for row in lp
+            ]
+            extra.update(
+                draw_num=np.array([len(u) for u, _ in pairs], np.int32),
+                draw_ids=np.concatenate([u for u, _ in pairs]).astype(np.int32),
+                draw_counts=np.concatenate([c for _, c in pairs]).astype(np.int32),
+            )
+        if self.layers:
+            positions = np.arange(len(ids) % 3, len(ids), 3)
+            vectors = {layer: ids[positions, None] + layer + np.zeros((1, self.dim)) for layer in self.layers}
+            extra.update(hidden_positions=positions, hidden=vectors)
+        return extra
+
     def provenance(self):
-        return {"engine": "fake", "vllm_version": None, "dtype": "float64", "model_vocab_size": self.vocab}
+        return {
+            "engine": "fake",
+            "vllm_version": None,
+            "dtype": "float64",
+            "model_vocab_size": self.vocab,
+            "hidden_size": self.dim,
+        }
 
     def close(self):
         pass

@@ -133,3 +133,48 @@ def test_kd_term_is_on_the_scale_of_ce():
     ce = masked_cross_entropy(s_logits, targets, torch.ones(n)).item()
     assert 0.1 < kd / ce < 1.5, (kd, ce)
     assert ce == pytest.approx(math.log(vocab), rel=0.05)
+
+
+def test_sampled_kd_with_expected_counts_is_the_full_cross_entropy():
+    """The estimator is linear in the counts, so E[loss] is the full-vocabulary CE exactly."""
+    from students.losses import sampled_kd
+
+    torch.manual_seed(8)
+    t_logits, s_logits = torch.randn(5, 40) * 2, torch.randn(5, 40)
+    p = torch.softmax(t_logits.double(), -1)
+    ids = torch.arange(40).expand(5, 40)
+    got = sampled_kd(s_logits, ids, p.float() * 1000, torch.ones(5))
+    full = -(p * torch.log_softmax(s_logits.double(), -1)).sum(-1).mean()
+    assert got.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_sampled_kd_monte_carlo_mean_matches_full_loss_and_gradient():
+    from students.losses import sampled_kd
+
+    gen = torch.Generator().manual_seed(9)
+    t_logits = torch.randn(1, 30, generator=gen) * 2
+    s_logits = torch.randn(1, 30, generator=gen, requires_grad=True)
+    p = torch.softmax(t_logits, -1)
+    full = -(p * torch.log_softmax(s_logits, -1)).sum()
+    (full_grad,) = torch.autograd.grad(full, s_logits)
+    reps, n = 4000, 32
+    samples = torch.multinomial(p.expand(reps, 30), n, replacement=True, generator=gen)  # (reps, n)
+    counts = torch.zeros(reps, 30).scatter_add_(1, samples, torch.ones(reps, n))
+    ids = torch.arange(30).expand(reps, 30)
+    logits = s_logits.expand(reps, 30)
+    per_rep = sampled_kd(logits, ids, counts, torch.ones(reps))
+    (grad,) = torch.autograd.grad(per_rep, s_logits)
+    assert per_rep.item() == pytest.approx(full.item(), rel=0.01)
+    torch.testing.assert_close(grad, full_grad, atol=0.01, rtol=0)
+
+
+def test_sampled_kd_temperature_and_padding():
+    from students.losses import sampled_kd
+
+    s_logits = torch.randn(2, 10)
+    ids = torch.tensor([[3, 0, 0], [1, 2, 0]])
+    counts = torch.tensor([[4.0, 0, 0], [1.0, 3.0, 0]])
+    got = sampled_kd(s_logits, ids, counts, torch.ones(2), temperature=2.0)
+    log_q = torch.log_softmax(s_logits / 2, -1)
+    ref = -(log_q[0, 3] + 0.25 * log_q[1, 1] + 0.75 * log_q[1, 2]) / 2 * 4
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -127,3 +127,35 @@ def test_bad_paths_fail_before_the_model_loads(teacher_dir, corpus_dir, tmp_path
     missing_corpus = job(teacher_dir, tmp_path / "nothing-here", tmp_path / "o")
     with pytest.raises(CorpusError, match="matches no file"):
         run_job(missing_corpus, show_progress=False, teacher_factory=no_teacher)
+
+
+def test_draws_and_hidden_products_round_trip(teacher_dir, corpus_dir, tmp_path):
+    from labelgen.contract.format import Columns as C
+    from students.data import LabelStream, row_group_refs
+
+    spec = job(
+        teacher_dir,
+        corpus_dir,
+        tmp_path / "o",
+        labels={"draws": 16},
+        hidden={"layers": [0, 2], "every": 3, "dtype": "float32"},
+        teacher={"engine_args": {"enforce_eager": True}},
+    )
+    fake = FakeTeacher(spec.labels.k, draws=16, layers=(0, 2))
+    m = run_job(spec, show_progress=False, teacher_factory=lambda s: fake)
+    assert m.products["draws"] == {"n": 16, "temperature": 1.0, "seed": 0}
+    assert m.products["hidden"]["layers"] == [0, 2] and m.products["hidden"]["dim"] == 8
+    shard = m.shards[0]
+    labels = pq.read_table(tmp_path / "o" / shard.path)
+    hidden = pq.read_table(tmp_path / "o" / shard.hidden_path)
+    assert labels.num_rows == hidden.num_rows and shard.hidden_sha256
+    row, hrow = labels.slice(0, 1).to_pylist()[0], hidden.slice(0, 1).to_pylist()[0]
+    assert hrow["sample_id"] == row["sample_id"] and hrow["token_hash"] == row["token_hash"]
+    assert sum(row[C.DRAW_COUNTS]) == 16 * (row["num_tokens"] - 1)
+    positions = np.array(hrow["positions"])
+    vectors = np.frombuffer(hrow["layer_2"], "<f4").reshape(len(positions), 8)
+    np.testing.assert_array_equal(vectors[:, 0], np.array(row["input_ids"])[positions] + 2)
+    stream = LabelStream(str(tmp_path / "o"), m, row_group_refs(m), 4, shuffle=False, loop=False)
+    batch = next(iter(stream))
+    assert batch["draw_ids"].shape[:2] == batch["label_mask"].shape
+    np.testing.assert_array_equal(batch["draw_counts"].sum(-1)[batch["label_mask"] > 0], 16)

@@ -5,6 +5,7 @@ A label dataset is a directory (local path or any fsspec URL) holding::
     manifest.json                      written last; its presence means "complete"
     job-spec.yaml                      the resolved job spec that produced it
     shards/part-UUUUU-SSSSS.parquet    label shards (unit U, shard S), zero-padded
+    hidden/part-UUUUU-SSSSS.parquet    hidden-state samples of the same rows (optional)
     _commits/part-UUUUU-SSSSS.json     one record per committed shard (for followers/resume)
     _commits/unit-UUUUU.json           one record per finished work unit
 
@@ -44,6 +45,8 @@ __all__ = [
     "FormatError",
     "Columns",
     "label_schema",
+    "hidden_schema",
+    "HIDDEN_DIR",
     "shard_name",
     "ShardRecord",
     "UnitRecord",
@@ -60,6 +63,7 @@ FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
 SPEC_NAME = "job-spec.yaml"
 SHARDS_DIR = "shards"
+HIDDEN_DIR = "hidden"
 COMMITS_DIR = "_commits"
 
 
@@ -78,14 +82,44 @@ class Columns:
     TOPK_IDS = "topk_ids"  # list<int32> [(T-1) * k], sorted by rank per position
     TOPK_LOGPROBS = "topk_logprobs"  # list<float32> [(T-1) * k], descending per position
     TARGET_LOGPROBS = "target_logprobs"  # list<float32> [T-1]: log p(token t+1)
+    # Random-sampling labels (product "draws"): per position t, DRAW_NUM[t] unique ids.
+    DRAW_NUM = "draw_num"  # list<uint8> [T-1]
+    DRAW_IDS = "draw_ids"  # list<int32> [sum draw_num], ascending per position
+    DRAW_COUNTS = "draw_counts"  # list<uint8> [sum draw_num]: times each id was drawn
+    # Hidden-state shards (product "hidden"), one row per sequence:
+    HIDDEN_POSITIONS = "positions"  # list<int32> [P]: sampled token positions
+    HIDDEN_LAYER = "layer_{}"  # binary: P x D little-endian float16/bfloat16/float32
 
 
-def label_schema() -> pa.Schema:
+def _flat(name: str, value: pa.DataType) -> pa.Field:
+    return pa.field(name, pa.list_(pa.field("element", value, nullable=False)), nullable=False)
+
+
+def hidden_schema(layers: Iterable[int]) -> pa.Schema:
+    """Arrow schema of a hidden-state shard for the given layer ids."""
+    return pa.schema(
+        [
+            pa.field(Columns.SAMPLE_ID, pa.string(), nullable=False),
+            pa.field(Columns.TOKEN_HASH, pa.uint64(), nullable=False),
+            _flat(Columns.HIDDEN_POSITIONS, pa.int32()),
+            *[pa.field(Columns.HIDDEN_LAYER.format(i), pa.binary(), nullable=False) for i in layers],
+        ],
+        metadata={b"labelgen.format_version": FORMAT_VERSION.encode()},
+    )
+
+
+def label_schema(draws: bool = False) -> pa.Schema:
     """Arrow schema of a label shard (format version ``FORMAT_VERSION``)."""
-
-    def flat(name: str, value: pa.DataType) -> pa.Field:
-        return pa.field(name, pa.list_(pa.field("element", value, nullable=False)), nullable=False)
-
+    flat = _flat
+    extra = (
+        [
+            flat(Columns.DRAW_NUM, pa.uint8()),
+            flat(Columns.DRAW_IDS, pa.int32()),
+            flat(Columns.DRAW_COUNTS, pa.uint8()),
+        ]
+        if draws
+        else []
+    )
     return pa.schema(
         [
             pa.field(Columns.SAMPLE_ID, pa.string(), nullable=False),
@@ -96,6 +130,7 @@ def label_schema() -> pa.Schema:
             flat(Columns.TOPK_IDS, pa.int32()),
             flat(Columns.TOPK_LOGPROBS, pa.float32()),
             flat(Columns.TARGET_LOGPROBS, pa.float32()),
+            *extra,
         ],
         metadata={b"labelgen.format_version": FORMAT_VERSION.encode()},
     )
@@ -146,6 +181,9 @@ class ShardRecord:
     sha256: str
     first_sequence: int  # unit-local index of the first sequence in the shard
     next_sequence: int  # unit-local index one past the last sequence in the shard
+    hidden_path: str = ""  # the matching hidden-state shard, if the product is on
+    hidden_bytes: int = 0
+    hidden_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,6 +215,9 @@ class Manifest:
     format_version: str = FORMAT_VERSION
     position_convention: str = "position t holds the distribution of token t+1 given tokens <= t"
     logprob_temperature: float = 1.0
+    products: dict[str, Any] = field(default_factory=dict)
+    """Optional products: {"draws": {"n", "temperature", "seed"}, "hidden": {"layers",
+    "every", "dtype", "dim", "seed"}}; top-k is always present."""
 
     @property
     def rejected(self) -> dict[str, int]:
