@@ -74,3 +74,26 @@ def test_alpha_zero_is_plain_ce(fake_labels, teacher_dir, tmp_path):
     batch = {k: torch.from_numpy(v) for k, v in next(iter(trainer.train_stream)).items()}
     parts = trainer.losses(batch)
     assert parts["kd"].item() == 0.0 and parts["loss"].item() == pytest.approx(parts["ce"].item())
+
+
+def test_sampled_kd_needs_draws_and_trains_with_them(fake_labels, teacher_dir, corpus_dir, tmp_path):
+    from conftest import make_spec
+    from fakes import FakeTeacher
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+
+    with pytest.raises(ValueError, match="labels.draws=N"):
+        Trainer(
+            config(fake_labels, teacher_dir, tmp_path / "a", loss={"kind": "sampled"}), log=lambda m: None
+        ).setup()
+    url = str(tmp_path / "draws")
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, url, labels={"draws": 8}))
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k, draws=8))
+    trainer = Trainer(
+        config(url, teacher_dir, tmp_path / "b", loss={"kind": "sampled", "alpha": 1.0}), log=lambda m: None
+    )
+    trainer.setup()
+    batch = {k: torch.from_numpy(v) for k, v in next(iter(trainer.train_stream)).items()}
+    parts = trainer.losses(batch)
+    assert parts["kd"].item() > 0 and parts["loss"].item() == pytest.approx(parts["kd"].item())
+    parts["loss"].backward()
