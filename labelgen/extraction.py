@@ -52,6 +52,7 @@ class ExtractionOptions:
     layers: tuple[int, ...] = ()  # HF numbering: 0 = embeddings, i = output of decoder layer i
     hidden_every: int = 16  # one hidden-state sample every this many positions
     hidden_dtype: str = "float16"
+    logits_only: bool = False  # benchmark bound: compute the logits, store nothing
 
 
 def hidden_positions(num_tokens: int, prompt_hash: int, seed: int, every: int) -> np.ndarray:
@@ -88,8 +89,10 @@ class _Request:
     topk_ids: np.ndarray  # (T-1, k) int32
     topk_logprobs: np.ndarray  # (T-1, k) float32
     target_logprobs: np.ndarray  # (T-1,) float32
-    draws: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # pos -> (ids, counts)
-    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (P, D)
+    # Per prefill chunk, keyed by its first position (a recomputed request restarts at a
+    # lower position; chunks from the abandoned attempt are dropped then).
+    draws: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)  # start -> (num, ids, counts)
+    hidden: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # start -> layer -> (P, D)
     hidden_pos: np.ndarray | None = None
     prompt_hash: int = 0
     with_draws: bool = False
@@ -102,18 +105,16 @@ class _Request:
             "target_logprobs": self.target_logprobs,
         }
         if self.with_draws:
-            n = len(self.ids) - 1
-            nums = np.array([len(self.draws[p][0]) for p in range(n)], dtype=np.int32)
-            out["draw_num"] = nums
-            out["draw_ids"] = (
-                np.concatenate([self.draws[p][0] for p in range(n)]) if n else np.zeros(0, np.int32)
-            )
-            out["draw_counts"] = (
-                np.concatenate([self.draws[p][1] for p in range(n)]) if n else np.zeros(0, np.int32)
-            )
+            chunks = [self.draws[start] for start in sorted(self.draws)]  # a chunk per prefill step
+            for n, name in enumerate(("draw_num", "draw_ids", "draw_counts")):
+                out[name] = np.concatenate([c[n] for c in chunks]) if chunks else np.zeros(0, np.int32)
+            assert len(out["draw_num"]) == len(self.ids) - 1
         if self.hidden_pos is not None:
             out["hidden_positions"] = self.hidden_pos
-            out["hidden"] = self.hidden
+            chunks = [self.hidden[start] for start in sorted(self.hidden)]
+            out["hidden"] = {
+                layer: np.concatenate([c[layer] for c in chunks]) for layer in (chunks[0] if chunks else {})
+            }
         return out
 
 
@@ -125,28 +126,24 @@ class _State:
         self.step_layers: dict[int, Any] = {}  # layer id -> (num_step_tokens, D) this step
         self.active = True
         self.original: Any = None  # the runner's own prompt-logprobs method
+        self.hooks: list[Any] = []  # forward-hook handles on decoder layers
 
 
-def _unique_counts(samples):
-    """Row-wise unique ids and counts of an (n, N) int64 tensor → per-row numpy pairs."""
+def _unique_counts(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise unique ids and counts of an (n, N) int64 tensor, vectorised.
+
+    Returns (num (n,) int32, ids (U,) int32, counts (U,) int32), rows in order.
+    """
     import torch
 
     sorted_ids, _ = samples.sort(dim=-1)
     new = torch.ones_like(sorted_ids, dtype=torch.bool)
     new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    starts = new.nonzero()  # (U, 2) row, col
-    rows = starts[:, 0].numpy()
-    cols = starts[:, 1].numpy()
-    ids = sorted_ids[new].numpy().astype(np.int32)
-    n, width = samples.shape
-    out = []
-    bounds = np.searchsorted(rows, np.arange(n + 1))
-    for r in range(n):
-        a, b = bounds[r], bounds[r + 1]
-        c = cols[a:b]
-        counts = np.diff(np.append(c, width)).astype(np.int32)
-        out.append((ids[a:b], counts))
-    return out
+    flat_new = new.reshape(-1).numpy()
+    starts = np.flatnonzero(flat_new)  # every row starts with a new id, so runs never cross rows
+    counts = np.diff(np.append(starts, flat_new.size)).astype(np.int32)
+    ids = sorted_ids.reshape(-1).numpy()[starts].astype(np.int32)
+    return new.sum(dim=1).numpy().astype(np.int32), ids, counts
 
 
 def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
@@ -181,10 +178,15 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
                 rec.hidden_pos = hidden_positions(total, rec.prompt_hash, opt.seed, opt.hidden_every)
             state.partial[req_id] = rec
         start = request.num_computed_tokens
+        for chunks in (rec.draws, rec.hidden):
+            for stale in [key for key in chunks if key >= start]:
+                del chunks[stale]
         req_idx = runner.input_batch.req_id_to_index[req_id]
         offset = int(runner.query_start_loc.np[req_idx])
         num_logits = min(num_tokens, total - 1 - start)
-        if num_logits > 0:
+        if num_logits > 0 and opt.logits_only:
+            runner.model.compute_logits(hidden_states[offset : offset + num_logits])
+        elif num_logits > 0:
             logits = runner.model.compute_logits(hidden_states[offset : offset + num_logits])
             logits = logits.float()
             log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -196,26 +198,28 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
             rec.topk_logprobs[sl] = (values - log_z).cpu().numpy()
             rec.target_logprobs[sl] = target_lp.cpu().numpy()
             if opt.draws:
-                probs = torch.softmax(logits / opt.draw_temperature, dim=-1).double()
-                cdf = probs.cumsum(-1)
+                if opt.draw_temperature == 1.0:
+                    probs = (logits - log_z).exp()  # reuses the log-sum-exp: one pass fewer
+                else:
+                    probs = torch.softmax(logits / opt.draw_temperature, dim=-1)
+                cdf = probs.double().cumsum(-1)
                 cdf[:, -1] = 1.0 + 1e-12  # guard against rounding below the largest uniform
                 positions = torch.arange(start, start + num_logits)
                 u = draw_uniforms(opt.seed, rec.prompt_hash, positions, opt.draws).to(cdf.device)
                 samples = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1).cpu()
-                for j, pair in enumerate(_unique_counts(samples)):
-                    rec.draws[start + j] = pair
+                rec.draws[start] = _unique_counts(samples)
         if opt.layers and rec.hidden_pos is not None:
             chunk_end = start + num_tokens
             wanted = rec.hidden_pos[(rec.hidden_pos >= start) & (rec.hidden_pos < chunk_end)]
             if len(wanted):
                 rows = torch.as_tensor(wanted - start + offset)
+                rec.hidden[start] = {}
                 for layer in opt.layers:
                     source = state.step_layers.get(layer)
                     if layer == runner._labelgen_num_layers:
                         source = hidden_states  # HF's last entry is after the final norm
                     values = source[rows.to(source.device)].to(getattr(torch, opt.hidden_dtype)).cpu()
-                    block = rec.hidden.setdefault(layer, np.zeros((0, values.shape[-1]), np.float32))
-                    rec.hidden[layer] = np.concatenate([block, values.float().numpy()])
+                    rec.hidden[start][layer] = values.float().numpy()
         if start + num_tokens >= total:
             state.done[req_id] = rec.result()
             del state.partial[req_id]
@@ -229,10 +233,18 @@ class LabelExtractor:
     """vLLM worker extension: ``labelgen_install`` once, then ``labelgen_fetch`` per batch."""
 
     def labelgen_install(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Install (or re-configure) the extractor; returns the model's layer count and vocab."""
         opt = ExtractionOptions(**{**options, "layers": tuple(options.get("layers", ()))})
         runner = self.model_runner  # type: ignore[attr-defined]
         model = runner.get_model()
+        previous: _State | None = getattr(runner, "_labelgen_state", None)
         state = _State(opt)
+        if previous is not None:
+            for handle in previous.hooks:
+                handle.remove()
+            state.original = previous.original
+        else:
+            state.original = runner._get_prompt_logprobs_dict
         runner._labelgen_state = state
         layers = _decoder_layers(model)
         runner._labelgen_num_layers = len(layers)
@@ -240,10 +252,10 @@ class LabelExtractor:
             if not 0 <= layer_id <= len(layers):
                 raise ValueError(f"hidden-state layer {layer_id} is out of range 0..{len(layers)}")
             if layer_id == 0:
-                layers[0].register_forward_pre_hook(_capture_input(state))
+                state.hooks.append(layers[0].register_forward_pre_hook(_capture_input(state)))
             elif layer_id < len(layers):
-                layers[layer_id - 1].register_forward_hook(_capture_output(state, layer_id))
-        state.original = runner._get_prompt_logprobs_dict
+                hook = _capture_output(state, layer_id)
+                state.hooks.append(layers[layer_id - 1].register_forward_hook(hook))
         runner._get_prompt_logprobs_dict = types.MethodType(_extract_prompt_labels, runner)
         return {"layers": len(layers), "vocab": int(runner.model_config.get_vocab_size())}
 

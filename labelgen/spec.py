@@ -201,8 +201,12 @@ class JobSpec:
 
     def check(self):
         limit = self.teacher.max_model_len
-        if limit is not None and self.packing.seq_len > limit:
-            yield "packing.seq_len", f"({self.packing.seq_len}) must be <= teacher.max_model_len ({limit})"
+        if limit is not None and self.packing.seq_len >= limit:
+            yield (
+                "packing.seq_len",
+                f"({self.packing.seq_len}) must be < teacher.max_model_len ({limit}): vLLM needs room for "
+                "the one token each request generates",
+            )
         if self.hidden.layers:
             if self.labels.extraction == "public":
                 yield "labels.extraction", "must be 'hook' or 'auto' when hidden.layers is set"

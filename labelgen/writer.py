@@ -57,6 +57,8 @@ def parquet_write_options(compression_level: int) -> dict[str, Any]:
         "column_encoding": {
             f"{Columns.TOPK_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
             f"{Columns.TARGET_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
+            # ascending within a position: small deltas
+            f"{Columns.DRAW_IDS}.list.element": "DELTA_BINARY_PACKED",
         },
         "write_statistics": [Columns.SAMPLE_ID, Columns.NUM_TOKENS, Columns.TOKEN_HASH],
     }
