@@ -37,28 +37,20 @@ MODELS = {
 
 
 def build_model(directory: Path, vocab: int, hidden: int, layers: int, heads: int, inter: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from labelgen.tiny import build_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
+    build_llama(
+        directory,
+        None,
         hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
         intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
         max_position_embeddings=1024,
         initializer_range=0.2,
-        tie_word_embeddings=False,
+        extra_vocab=vocab,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(str(directory))
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"  built {directory.name}: {params / 1e6:.1f}M params, vocab {vocab}, "
-        f"hidden {hidden}, {layers} layers"
-    )
+    print(f"  built {directory.name}: vocab {vocab}, hidden {hidden}, {layers} layers, {heads} heads")
     return directory
 
 

@@ -15,6 +15,7 @@ import json
 import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -151,7 +152,7 @@ def build_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 512
 
 def build_llama(
     out_dir: str | Path,
-    tokenizer,
+    tokenizer: Any | None,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 2,
@@ -164,7 +165,9 @@ def build_llama(
     """Save a randomly initialised Llama model (fp32) plus ``tokenizer`` to ``out_dir``.
 
     ``extra_vocab`` pads the embedding beyond the tokenizer's vocabulary, as real
-    checkpoints often do. Head size is ``hidden_size // num_heads`` and must be >= 32
+    checkpoints often do; with ``tokenizer=None`` the vocabulary is ``extra_vocab`` and no
+    tokenizer is saved (load such a model with ``skip_tokenizer_init=True``).
+    Head size is ``hidden_size // num_heads`` and must be >= 32
     for vLLM's CPU attention.
     """
     import torch
@@ -173,8 +176,11 @@ def build_llama(
     head_dim = hidden_size // num_heads
     assert head_dim >= 32, f"vLLM's CPU attention needs head_dim >= 32, got {head_dim}"
     torch.manual_seed(seed)
+    specials = {
+        name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
     config = LlamaConfig(
-        vocab_size=len(tokenizer) + extra_vocab,
+        vocab_size=(len(tokenizer) if tokenizer is not None else 0) + extra_vocab,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -182,16 +188,15 @@ def build_llama(
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **specials,
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
     return out
 
 
