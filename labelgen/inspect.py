@@ -87,6 +87,8 @@ def format_report(info: dict[str, Any]) -> str:
         f"tokenizer   {tok.get('fingerprint', '')[:16]}…  vocab {tok.get('vocab_size')} "
         f"(model vocab {tok.get('model_vocab_size')})",
         f"labels      top-{m.k} raw log-probs + target log-prob; {m.position_convention}",
+        f"extraction  {teacher.get('extraction', 'public')}; products: "
+        + (", ".join(f"{name} {value}" for name, value in m.products.items()) or "top-k only"),
         f"shards      {t['shards']} ({t['bytes'] / 2**20:.2f} MiB), {t['rows']} sequences, "
         f"{t['tokens']} tokens, {t['label_positions']} label positions",
         f"bytes/tok   {t['bytes'] / max(t['label_positions'], 1):.1f} per label position",
