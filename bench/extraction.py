@@ -74,6 +74,20 @@ def flat_to_arrays(output, k: int):
     return ids[:, 1:], lps[:, 1:]
 
 
+def codec_kl(item: dict, encoded: tuple) -> float:
+    """Mean KL(exact || compact-v1) over the k+1 buckets (top-k + tail) of one sequence."""
+    from labelgen.contract.format import decode_topk
+
+    ids_q, lps_q = decode_topk(*encoded)
+    ids, lps = item["topk_ids"], item["topk_logprobs"]
+    p = np.exp(np.take_along_axis(lps, np.argsort(ids, 1), 1).astype(np.float64))
+    q = np.exp(np.take_along_axis(lps_q, np.argsort(ids_q, 1), 1).astype(np.float64))
+    p_tail, q_tail = np.clip(1 - p.sum(1), 0, 1), np.clip(1 - q.sum(1), 1e-300, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(p_tail > 0, p_tail * np.log(p_tail / q_tail), 0.0)
+    return float(((p * np.log(p / q)).sum(1) + tail).mean())
+
+
 def bytes_per_position(tables: list, directory: str) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -178,6 +192,8 @@ def run_model(
         print(f"    hook vs flat labels: {same}/{total} ids identical, max |logprob diff| {worst:.2e}")
         import pyarrow as pa
 
+        from labelgen.contract.format import encode_topk
+
         positions = sequences * (seq_len - 1)
         with tempfile.TemporaryDirectory() as tmp:
             topk = pa.table(
@@ -203,7 +219,24 @@ def run_model(
                 }
             )
             top_bytes = bytes_per_position([topk], tmp) / positions
+            encoded = [encode_topk(i["topk_ids"], i["topk_logprobs"]) for i in hooked]
+            compact = pa.table(
+                {
+                    "topk_id_deltas": pa.array([e[0].ravel() for e in encoded], pa.list_(pa.int32())),
+                    "topk_logprob_q": pa.array([e[1].ravel() for e in encoded], pa.list_(pa.uint8())),
+                    "topk_tail_logprob": pa.array([e[2] for e in encoded], pa.list_(pa.float32())),
+                    "target_logprobs": pa.array(
+                        [i["target_logprobs"] for i in hooked], pa.list_(pa.float32())
+                    ),
+                }
+            )
+            compact_bytes = bytes_per_position([compact], tmp) / positions
+            kl = np.mean([codec_kl(i, e) for i, e in zip(hooked, encoded, strict=True)])
             draw_bytes = bytes_per_position([draws], tmp) / positions
+        print(
+            f"    compact-v1 codec: top-{k} + target {compact_bytes:.1f} B/position, "
+            f"KL(exact || stored) {kl:.2e} nats/position (over top-k + tail)"
+        )
         mean_unique = np.mean([i["draw_num"].mean() for i in drawn])
         print(
             f"    on disk (zstd-3 Parquet, plain layout): top-{k} + target {top_bytes:.1f} B/position "

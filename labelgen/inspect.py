@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import MANIFEST_NAME, Columns, FormatError, Manifest, join_url
+from labelgen.contract.format import MANIFEST_NAME, Columns, FormatError, Manifest, decode_topk, join_url
 
 __all__ = ["inspect_dataset", "format_report", "topk_statistics"]
 
@@ -59,10 +59,20 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
     for shard in manifest.shards:
         if rows_seen >= sample_rows:
             break
+        compact = manifest.codec != "plain"
+        names = (
+            [Columns.TOPK_ID_DELTAS, Columns.TOPK_LOGPROB_Q, Columns.TOPK_TAIL]
+            if compact
+            else [Columns.TOPK_LOGPROBS]
+        )
         with fs.open(join_url(root, shard.path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(0, columns=[Columns.TOPK_LOGPROBS])
-        values = table.column(0).combine_chunks().values.to_numpy()
-        chunks.append(values.reshape(-1, manifest.k))
+            table = pq.ParquetFile(f).read_row_group(0, columns=names)
+        values = [table.column(i).combine_chunks().values.to_numpy() for i in range(len(names))]
+        if compact:
+            gaps, levels = (v.reshape(-1, manifest.k) for v in values[:2])
+            chunks.append(decode_topk(gaps, levels, values[2])[1])
+        else:
+            chunks.append(values[0].reshape(-1, manifest.k))
         rows_seen += table.num_rows
     stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
     return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}
@@ -86,7 +96,7 @@ def format_report(info: dict[str, Any]) -> str:
         f"weights     {weights.get('mode')} sha256 {weights.get('sha256')}",
         f"tokenizer   {tok.get('fingerprint', '')[:16]}…  vocab {tok.get('vocab_size')} "
         f"(model vocab {tok.get('model_vocab_size')})",
-        f"labels      top-{m.k} raw log-probs + target log-prob; {m.position_convention}",
+        f"labels      top-{m.k} raw log-probs + target log-prob ({m.codec}); {m.position_convention}",
         f"extraction  {teacher.get('extraction', 'public')}; products: "
         + (", ".join(f"{name} {value}" for name, value in m.products.items()) or "top-k only"),
         f"shards      {t['shards']} ({t['bytes'] / 2**20:.2f} MiB), {t['rows']} sequences, "

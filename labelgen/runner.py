@@ -162,6 +162,7 @@ def run_unit(
         row_group_mib=spec.output.row_group_mib,
         compression_level=spec.output.compression_level,
         draws=spec.labels.draws > 0,
+        codec=spec.labels.codec,
         hidden_layers=tuple(spec.hidden.layers),
         hidden_dtype=spec.hidden.dtype,
     )
@@ -297,6 +298,7 @@ def _build_manifest(
             "numbering": "0 = embeddings, i = output of decoder layer i, last = after the final norm",
         }
     return Manifest(
+        codec=spec.labels.codec,
         products=products,
         k=spec.labels.k,
         teacher=teacher,

@@ -129,6 +129,10 @@ class LabelsSpec:
     """Temperature of the distribution the draws come from."""
     seed: int = 0
     """Seed of the draws and of the hidden-state positions."""
+    codec: Literal["plain", "compact-v1"] = "plain"
+    """Top-k storage: 'plain' (int32 ids + float32 log-probs, exact) or 'compact-v1' (ids
+    sorted and gap-coded, log-probs quantised to 1/16 nat in uint8; decoded transparently
+    by the student reader). The target log-prob stays float32 in both."""
 
     def check(self):
         if self.k < 1:

@@ -28,6 +28,7 @@ from labelgen.contract.format import (
     SHARDS_DIR,
     Columns,
     ShardRecord,
+    encode_topk,
     hidden_schema,
     join_url,
     label_schema,
@@ -57,6 +58,7 @@ def parquet_write_options(compression_level: int) -> dict[str, Any]:
         "column_encoding": {
             f"{Columns.TOPK_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
             f"{Columns.TARGET_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
+            f"{Columns.TOPK_TAIL}.list.element": "BYTE_STREAM_SPLIT",
             # ascending within a position: small deltas
             f"{Columns.DRAW_IDS}.list.element": "DELTA_BINARY_PACKED",
         },
@@ -121,6 +123,7 @@ class ShardWriter:
         row_group_mib: float,
         compression_level: int,
         draws: bool = False,
+        codec: str = "plain",
         hidden_layers: tuple[int, ...] = (),
         hidden_dtype: str = "float16",
     ):
@@ -134,7 +137,8 @@ class ShardWriter:
         self.shard_bytes = int(shard_mib * _MIB)
         self.row_group_bytes = int(row_group_mib * _MIB)
         self.options = parquet_write_options(compression_level)
-        self.schema = label_schema(draws=draws)
+        self.codec = codec
+        self.schema = label_schema(draws=draws, codec=codec)
         self.next_shard = first_shard
         self.next_sequence = first_sequence
         self.committed: list[ShardRecord] = []
@@ -200,11 +204,23 @@ class ShardWriter:
             Columns.NUM_TOKENS: pa.array([len(s.input_ids) for s in seqs], pa.int32()),
             Columns.INPUT_IDS: lists([s.input_ids for s in seqs], pa.int32()),
             Columns.LABEL_MASK: lists([s.label_mask for s in seqs], pa.uint8()),
-            Columns.TOPK_IDS: lists([lab.topk_ids for lab in labs], pa.int32()),
-            Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
+            **self._topk_columns(labs, lists),
             Columns.TARGET_LOGPROBS: lists([lab.target_logprobs for lab in labs], pa.float32()),
         }
         return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in self.schema], schema=self.schema)
+
+    def _topk_columns(self, labs: list[SequenceLabels], lists: Any) -> dict[str, pa.Array]:
+        if self.codec == "plain":
+            return {
+                Columns.TOPK_IDS: lists([lab.topk_ids for lab in labs], pa.int32()),
+                Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
+            }
+        encoded = [encode_topk(lab.topk_ids, lab.topk_logprobs) for lab in labs]
+        return {
+            Columns.TOPK_ID_DELTAS: lists([e[0] for e in encoded], pa.int32()),
+            Columns.TOPK_LOGPROB_Q: lists([e[1] for e in encoded], pa.uint8()),
+            Columns.TOPK_TAIL: lists([e[2] for e in encoded], pa.float32()),
+        }
 
     def _hidden_table(self) -> pa.Table:
         assert self.hidden_schema is not None

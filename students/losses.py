@@ -47,6 +47,9 @@ def teacher_bucket_logprobs(
     """
     lp = topk_logprobs.float().masked_fill(~valid, _NEG_INF)
     kept = torch.logsumexp(lp, dim=-1, keepdim=True)  # log of stored (valid) mass
+    # Quantised labels can round the stored mass above 1: renormalise (tail then empty).
+    lp = lp - kept.clamp(min=0.0)
+    kept = kept.clamp(max=0.0)
     # log(1 - exp(kept)), stable; clamp so a mass that rounds to >= 1 gives an empty tail.
     tail = torch.log1p(-kept.clamp(max=-1e-12).exp()).clamp(min=-1e4)
     tail = torch.where(kept >= -1e-7, torch.full_like(tail, _NEG_INF), tail)

@@ -52,9 +52,7 @@ def test_required_field_and_literal_choices():
 
 def test_cross_field_rule():
     data = {**MINIMAL, "teacher": {"model": "/m", "max_model_len": 128}, "packing": {"seq_len": 256}}
-    with pytest.raises(
-        ConfigError, match=r"packing.seq_len \(256\) must be < teacher.max_model_len \(128\)"
-    ):
+    with pytest.raises(ConfigError, match=r"packing.seq_len \(256\) must be < teacher.max_model_len \(128\)"):
         load_config(JobSpec, data)
 
 

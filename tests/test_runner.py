@@ -159,3 +159,23 @@ def test_draws_and_hidden_products_round_trip(teacher_dir, corpus_dir, tmp_path)
     batch = next(iter(stream))
     assert batch["draw_ids"].shape[:2] == batch["label_mask"].shape
     np.testing.assert_array_equal(batch["draw_counts"].sum(-1)[batch["label_mask"] > 0], 16)
+
+
+def test_compact_codec_is_decoded_transparently(teacher_dir, corpus_dir, tmp_path):
+    from students.data import LabelStream, row_group_refs
+
+    plain = job(teacher_dir, corpus_dir, tmp_path / "plain")
+    compact = job(teacher_dir, corpus_dir, tmp_path / "compact", labels={"codec": "compact-v1"})
+    batches = {}
+    for name, spec in (("plain", plain), ("compact", compact)):
+        m = run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+        assert m.codec == ("plain" if name == "plain" else "compact-v1")
+        stream = LabelStream(spec.output.url, m, row_group_refs(m), 4, shuffle=False, loop=False)
+        batches[name] = next(iter(stream))
+        batches[name + "_bytes"] = m.totals["bytes"]
+    a, b = batches["plain"], batches["compact"]
+    # The same id sets; rank order only up to ties within one quantisation level.
+    np.testing.assert_array_equal(np.sort(a["topk_ids"], -1), np.sort(b["topk_ids"], -1))
+    np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1 / 16)
+    np.testing.assert_array_equal(a["target_logprobs"], b["target_logprobs"])
+    assert batches["compact_bytes"] < batches["plain_bytes"]

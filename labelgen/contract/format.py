@@ -45,6 +45,10 @@ __all__ = [
     "FormatError",
     "Columns",
     "label_schema",
+    "CODECS",
+    "COMPACT_STEP",
+    "encode_topk",
+    "decode_topk",
     "hidden_schema",
     "HIDDEN_DIR",
     "shard_name",
@@ -82,6 +86,10 @@ class Columns:
     TOPK_IDS = "topk_ids"  # list<int32> [(T-1) * k], sorted by rank per position
     TOPK_LOGPROBS = "topk_logprobs"  # list<float32> [(T-1) * k], descending per position
     TARGET_LOGPROBS = "target_logprobs"  # list<float32> [T-1]: log p(token t+1)
+    # Compact top-k codec ("compact-v1") replaces TOPK_IDS / TOPK_LOGPROBS with:
+    TOPK_ID_DELTAS = "topk_id_deltas"  # list<int32> [(T-1) * k]: ids ascending per position, gaps
+    TOPK_LOGPROB_Q = "topk_logprob_q"  # list<uint8> [(T-1) * k]: round(-logprob / step), same order
+    TOPK_TAIL = "topk_tail_logprob"  # list<float32> [T-1]: exact log of the mass outside the top-k
     # Random-sampling labels (product "draws"): per position t, DRAW_NUM[t] unique ids.
     DRAW_NUM = "draw_num"  # list<uint8> [T-1]
     DRAW_IDS = "draw_ids"  # list<int32> [sum draw_num], ascending per position
@@ -108,9 +116,58 @@ def hidden_schema(layers: Iterable[int]) -> pa.Schema:
     )
 
 
-def label_schema(draws: bool = False) -> pa.Schema:
+CODECS = ("plain", "compact-v1")
+COMPACT_STEP = 1.0 / 16.0  # nats per quantisation level of compact-v1 log-probs (255 levels)
+
+
+def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """compact-v1: (n, k) ids/log-probs by rank → (id gaps int32, levels uint8, tail float32).
+
+    Per position the ids are sorted ascending and stored as gaps (the first one absolute);
+    log-probs follow the same order as ``round(-lp / COMPACT_STEP)`` clipped to 255 (error
+    at most COMPACT_STEP / 2 nats above -15.9). The exact log of the mass outside the
+    top-k is kept as float32, so a peaked teacher's small tail survives quantisation.
+    """
+    order = np.argsort(topk_ids, axis=1, kind="stable")
+    ids = np.take_along_axis(topk_ids.astype(np.int64), order, 1)
+    gaps = np.diff(ids, axis=1, prepend=0).astype(np.int32)
+    lps = np.take_along_axis(topk_logprobs.astype(np.float32), order, 1)
+    q = np.clip(np.rint(-lps / COMPACT_STEP), 0, 255).astype(np.uint8)
+    kept = np.exp(topk_logprobs.astype(np.float64)).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        tail = np.log(np.clip(1.0 - kept, 0.0, 1.0)).astype(np.float32)
+    return gaps, q, tail
+
+
+def decode_topk(gaps: np.ndarray, q: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_topk`: → (n, k) ids and log-probs by rank.
+
+    The dequantised top-k mass is rescaled to ``1 - exp(tail)``, so the stored tail
+    mass is exact.
+    """
+    ids = np.cumsum(gaps, axis=1, dtype=np.int64).astype(np.int32)
+    lps = q.astype(np.float64) * -COMPACT_STEP
+    kept = np.log(np.exp(lps).sum(axis=1, keepdims=True))
+    with np.errstate(divide="ignore"):
+        target = np.log1p(-np.exp(tail.astype(np.float64)))[:, None]
+    lps = (lps + np.where(np.isfinite(target), target - kept, 0.0)).astype(np.float32)
+    order = np.argsort(q, axis=1, kind="stable")  # ascending level = descending log-prob
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
+
+
+def label_schema(draws: bool = False, codec: str = "plain") -> pa.Schema:
     """Arrow schema of a label shard (format version ``FORMAT_VERSION``)."""
     flat = _flat
+    assert codec in CODECS, codec
+    topk = (
+        [flat(Columns.TOPK_IDS, pa.int32()), flat(Columns.TOPK_LOGPROBS, pa.float32())]
+        if codec == "plain"
+        else [
+            flat(Columns.TOPK_ID_DELTAS, pa.int32()),
+            flat(Columns.TOPK_LOGPROB_Q, pa.uint8()),
+            flat(Columns.TOPK_TAIL, pa.float32()),
+        ]
+    )
     extra = (
         [
             flat(Columns.DRAW_NUM, pa.uint8()),
@@ -127,8 +184,7 @@ def label_schema(draws: bool = False) -> pa.Schema:
             pa.field(Columns.NUM_TOKENS, pa.int32(), nullable=False),
             flat(Columns.INPUT_IDS, pa.int32()),
             flat(Columns.LABEL_MASK, pa.uint8()),
-            flat(Columns.TOPK_IDS, pa.int32()),
-            flat(Columns.TOPK_LOGPROBS, pa.float32()),
+            *topk,
             flat(Columns.TARGET_LOGPROBS, pa.float32()),
             *extra,
         ],
@@ -215,6 +271,8 @@ class Manifest:
     format_version: str = FORMAT_VERSION
     position_convention: str = "position t holds the distribution of token t+1 given tokens <= t"
     logprob_temperature: float = 1.0
+    codec: str = "plain"
+    """Top-k layout: 'plain' (int32 ids + float32 log-probs by rank) or 'compact-v1'."""
     products: dict[str, Any] = field(default_factory=dict)
     """Optional products: {"draws": {"n", "temperature", "seed"}, "hidden": {"layers",
     "every", "dtype", "dim", "seed"}}; top-k is always present."""
