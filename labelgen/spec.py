@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from labelgen.contract.configs import config_to_dict, load_config, load_config_file
+from labelgen.contract.configs import config_to_dict, load_config_file
 
 __all__ = [
     "TeacherSpec",
@@ -236,8 +236,3 @@ class JobSpec:
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Load and validate a job spec file; raises ConfigError listing every problem."""
     return load_config_file(JobSpec, path, overrides)
-
-
-def spec_from_dict(data: dict[str, Any]) -> JobSpec:
-    """Validate a job spec given as a mapping (as stored in job-spec.yaml)."""
-    return load_config(JobSpec, data, source="job spec")

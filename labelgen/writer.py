@@ -178,7 +178,7 @@ class ShardWriter:
         return self.committed
 
     # -- internals --------------------------------------------------------------------
-    def _table(self) -> pa.Table:
+    def _table(self, hashes: list[int]) -> pa.Table:
         seqs = [s for s, _ in self._rows]
         labs = [lab for _, lab in self._rows]
 
@@ -200,7 +200,7 @@ class ShardWriter:
         columns = {
             **draw_columns,
             Columns.SAMPLE_ID: pa.array([s.sample_id for s in seqs], pa.string()),
-            Columns.TOKEN_HASH: pa.array([token_hash(s.input_ids) for s in seqs], pa.uint64()),
+            Columns.TOKEN_HASH: pa.array(hashes, pa.uint64()),
             Columns.NUM_TOKENS: pa.array([len(s.input_ids) for s in seqs], pa.int32()),
             Columns.INPUT_IDS: lists([s.input_ids for s in seqs], pa.int32()),
             Columns.LABEL_MASK: lists([s.label_mask for s in seqs], pa.uint8()),
@@ -222,7 +222,7 @@ class ShardWriter:
             Columns.TOPK_TAIL: lists([e[2] for e in encoded], pa.float32()),
         }
 
-    def _hidden_table(self) -> pa.Table:
+    def _hidden_table(self, hashes: list[int]) -> pa.Table:
         assert self.hidden_schema is not None
         seqs = [s for s, _ in self._rows]
         labs = [lab for _, lab in self._rows]
@@ -237,7 +237,7 @@ class ShardWriter:
         flat_pos = np.concatenate(positions) if positions else np.zeros(0, np.int32)
         columns = [
             pa.array([s.sample_id for s in seqs], pa.string()),
-            pa.array([token_hash(s.input_ids) for s in seqs], pa.uint64()),
+            pa.array(hashes, pa.uint64()),
             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_pos, pa.int32())),
         ]
         for layer in self.hidden_layers:
@@ -266,10 +266,11 @@ class ShardWriter:
                     compression_level=self.options["compression_level"],
                     use_dictionary=False,
                 )
-        table = self._table()
+        hashes = [token_hash(s.input_ids) for s, _ in self._rows]  # shared by both products
+        table = self._table(hashes)
         self._writer.write_table(table, row_group_size=table.num_rows)
         if self._hidden_writer is not None:
-            hidden = self._hidden_table()
+            hidden = self._hidden_table(hashes)
             self._hidden_writer.write_table(hidden, row_group_size=hidden.num_rows)
         stats = self._shard_stats
         stats["rows"] += table.num_rows

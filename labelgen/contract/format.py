@@ -354,8 +354,3 @@ def _count_commits(fs: Any, commits_dir: str) -> int:
         return sum(1 for p in fs.ls(commits_dir, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
     except (FileNotFoundError, OSError):
         return 0
-
-
-def records_from_json(items: Iterable[Mapping[str, Any]]) -> list[ShardRecord]:
-    """Shard records from their JSON form."""
-    return [ShardRecord(**dict(item)) for item in items]
