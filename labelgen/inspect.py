@@ -13,7 +13,14 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import MANIFEST_NAME, Columns, FormatError, Manifest, decode_topk, join_url
+from labelgen.contract.format import (
+    MANIFEST_NAME,
+    FormatError,
+    Manifest,
+    decode_topk_table,
+    join_url,
+    topk_column_names,
+)
 
 __all__ = ["inspect_dataset", "format_report", "topk_statistics"]
 
@@ -59,20 +66,9 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
     for shard in manifest.shards:
         if rows_seen >= sample_rows:
             break
-        compact = manifest.codec != "plain"
-        names = (
-            [Columns.TOPK_ID_DELTAS, Columns.TOPK_LOGPROB_Q, Columns.TOPK_TAIL]
-            if compact
-            else [Columns.TOPK_LOGPROBS]
-        )
         with fs.open(join_url(root, shard.path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(0, columns=names)
-        values = [table.column(i).combine_chunks().values.to_numpy() for i in range(len(names))]
-        if compact:
-            gaps, levels = (v.reshape(-1, manifest.k) for v in values[:2])
-            chunks.append(decode_topk(gaps, levels, values[2])[1])
-        else:
-            chunks.append(values[0].reshape(-1, manifest.k))
+            table = pq.ParquetFile(f).read_row_group(0, columns=topk_column_names(manifest.codec))
+        chunks.append(decode_topk_table(table, manifest.k)[1])
         rows_seen += table.num_rows
     stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
     return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}

@@ -22,7 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import Columns, FormatError, Manifest, decode_topk, join_url, read_manifest
+from labelgen.contract.format import (
+    Columns,
+    FormatError,
+    Manifest,
+    decode_topk_table,
+    join_url,
+    read_manifest,
+)
 
 __all__ = ["RowGroupRef", "Rows", "LabelStream", "open_dataset", "row_group_refs", "read_row_group"]
 
@@ -72,13 +79,7 @@ def read_row_group(fs: Any, root: str, ref: RowGroupRef, k: int) -> Rows:
         raise FormatError(f"cannot read row group {ref.row_group} of {path}: {exc}") from exc
     tok_off, ids = _flat(table, Columns.INPUT_IDS)
     lab_off, mask = _flat(table, Columns.LABEL_MASK)
-    if Columns.TOPK_ID_DELTAS in table.column_names:  # compact-v1
-        gaps = _flat(table, Columns.TOPK_ID_DELTAS)[1].reshape(-1, k)
-        levels = _flat(table, Columns.TOPK_LOGPROB_Q)[1].reshape(-1, k)
-        top_ids, top_lps = decode_topk(gaps, levels, _flat(table, Columns.TOPK_TAIL)[1])
-    else:
-        _, top_ids = _flat(table, Columns.TOPK_IDS)
-        _, top_lps = _flat(table, Columns.TOPK_LOGPROBS)
+    top_ids, top_lps = decode_topk_table(table, k)
     _, tgt = _flat(table, Columns.TARGET_LOGPROBS)
     draws: dict[str, Any] = {}
     if Columns.DRAW_NUM in table.column_names:

@@ -48,6 +48,8 @@ __all__ = [
     "CODECS",
     "COMPACT_STEP",
     "encode_topk",
+    "decode_topk_table",
+    "topk_column_names",
     "decode_topk",
     "hidden_schema",
     "HIDDEN_DIR",
@@ -153,6 +155,33 @@ def decode_topk(gaps: np.ndarray, q: np.ndarray, tail: np.ndarray) -> tuple[np.n
     lps = (lps + np.where(np.isfinite(target), target - kept, 0.0)).astype(np.float32)
     order = np.argsort(q, axis=1, kind="stable")  # ascending level = descending log-prob
     return np.take_along_axis(ids, order, 1), np.take_along_axis(lps, order, 1)
+
+
+def topk_column_names(codec: str) -> list[str]:
+    """The columns that hold the top-k labels under ``codec``."""
+    assert codec in CODECS, codec
+    if codec == "plain":
+        return [Columns.TOPK_IDS, Columns.TOPK_LOGPROBS]
+    return [Columns.TOPK_ID_DELTAS, Columns.TOPK_LOGPROB_Q, Columns.TOPK_TAIL]
+
+
+def _list_values(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy()
+    return column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+
+
+def decode_topk_table(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k labels of a shard table (any codec; detected by its columns) as (N, k) int32
+    ids and float32 log-probs by rank, N = label positions of all rows in order."""
+    if Columns.TOPK_ID_DELTAS in table.column_names:
+        gaps = _list_values(table, Columns.TOPK_ID_DELTAS).reshape(-1, k)
+        levels = _list_values(table, Columns.TOPK_LOGPROB_Q).reshape(-1, k)
+        ids, lps = decode_topk(gaps, levels, _list_values(table, Columns.TOPK_TAIL))
+    else:
+        ids = _list_values(table, Columns.TOPK_IDS).reshape(-1, k)
+        lps = _list_values(table, Columns.TOPK_LOGPROBS).reshape(-1, k)
+    return ids, lps
 
 
 def label_schema(draws: bool = False, codec: str = "plain") -> pa.Schema:
