@@ -11,6 +11,7 @@ Example (``manifests/students/tiny-cpu.yaml`` is a complete one)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +19,10 @@ from labelgen.contract.configs import load_config_file
 
 __all__ = [
     "ModelConfig",
+    "SourceConfig",
     "DataConfig",
+    "StageConfig",
+    "KD_KINDS",
     "LossConfig",
     "OptimConfig",
     "RunConfig",
@@ -49,44 +53,138 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class SourceConfig:
     url: str
-    """Label dataset URL (local path, s3://, gs://, http(s)://) written by `labelgen run`."""
+    """A label dataset URL (local path, s3://, gs://, http(s)://) written by `labelgen run`."""
+    weight: float = 1.0
+    """Relative sampling weight in a mixture (normalised over the mixture)."""
+
+    def check(self):
+        if not self.weight > 0:
+            yield "weight", f"must be > 0, got {self.weight}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    url: str | None = None
+    """Label dataset URL (local path, s3://, gs://, http(s)://) written by `labelgen run`.
+    Set this or ``mixture``."""
+    mixture: list[SourceConfig] = field(default_factory=list)
+    """Instead of ``url``: several label datasets sampled by weight (domain mixing, several
+    teachers sharing one tokenizer). The first one provides the held-out set."""
     batch_sequences: int = 8
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per rank)."""
     eval_url: str | None = None
-    """Held-out label dataset for evaluation. None: hold out the last row groups of ``url``."""
+    """Held-out label dataset for evaluation. None: hold out the last row groups of the
+    (first) training dataset."""
     holdout_row_groups: int = 1
     """With eval_url unset: how many row groups (from the end of the dataset) to hold out."""
     prefetch_row_groups: int = 2
     """Row groups read ahead in a background thread."""
+    verify: Literal["error", "skip", "off"] = "error"
+    """Shard checksums against the manifest: 'error' stops on a corrupt or truncated shard
+    (naming the file), 'skip' leaves it out and counts it, 'off' trusts the bytes."""
+    follow: bool = False
+    """Train while the labeling job is still writing: read committed shards, pick up new
+    ones as they land, stop waiting once the manifest says the job is complete."""
+    poll_seconds: float = 10.0
+    """Follow mode: seconds between looks for newly committed shards."""
 
     def check(self):
+        if (self.url is None) == (not self.mixture):
+            yield "url", "xor data.mixture must be set (one label dataset, or a weighted list of them)"
         if self.batch_sequences < 1:
             yield "batch_sequences", f"must be >= 1, got {self.batch_sequences}"
         if self.holdout_row_groups < 0:
             yield "holdout_row_groups", f"must be >= 0, got {self.holdout_row_groups}"
         if self.prefetch_row_groups < 0:
             yield "prefetch_row_groups", f"must be >= 0, got {self.prefetch_row_groups}"
+        if self.poll_seconds <= 0:
+            yield "poll_seconds", f"must be > 0, got {self.poll_seconds}"
+        if self.follow and self.eval_url is None and self.holdout_row_groups:
+            yield "eval_url", "is required with data.follow (the held-out rows must exist before training)"
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """The training datasets as a list (one entry when ``url`` is set)."""
+        return [SourceConfig(self.url)] if self.url is not None else list(self.mixture)
+
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "sampled")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: Literal["forward_kl", "sampled"] = "forward_kl"
-    """'forward_kl': KL over the stored top-k plus the tail bucket. 'sampled': cross-entropy
-    to the stored random draws (unbiased for the full-vocabulary KL gradient; needs labels
-    made with labels.draws > 0; the temperature is the draws' own)."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "sampled"] = (
+        "forward_kl"
+    )
+    """The KD term, over the stored top-k plus the tail bucket: 'forward_kl' KL(p||q),
+    'reverse_kl' KL(q||p), 'jsd' generalized Jensen-Shannon (``beta``), 'skew_kl' /
+    'skew_reverse_kl' (``skew``), 'tvd' total variation. 'sampled': cross-entropy to the
+    stored random draws (unbiased for the full-vocabulary KL gradient; needs labels made
+    with labels.draws > 0; the temperature is the draws' own). See docs/LOSSES.md."""
     alpha: float = 0.5
     """Weight of the KD term; CE on the real next token gets 1 - alpha. 1.0 = pure KD,
     0.0 = plain CE (no teacher)."""
     temperature: float = 1.0
-    """Softening T of both distributions; the KD term is multiplied by T²."""
+    """Softening T of both distributions (the start value under a schedule); the KD term
+    is multiplied by T²."""
+    temperature_end: float | None = None
+    """With a schedule: T at the end of the stage (None = constant ``temperature``)."""
+    temperature_schedule: Literal["linear", "cosine"] = "linear"
+    """How T moves from ``temperature`` to ``temperature_end`` over the stage's steps."""
+    beta: float = 0.5
+    """'jsd' only: the mixture weight of the generalized JSD (0 and 1 are KL limits)."""
+    skew: float = 0.1
+    """'skew_kl' / 'skew_reverse_kl' only: the mixing weight of the skewed distribution."""
+    chunk_tokens: int = 0
+    """> 0: compute the loss fused with the output projection in chunks of this many tokens,
+    so the full-vocabulary logits are never held for the whole batch (large vocabularies).
+    0: plain path."""
 
     def check(self):
         if not 0.0 <= self.alpha <= 1.0:
             yield "alpha", f"must be in [0, 1], got {self.alpha}"
         if self.temperature <= 0:
             yield "temperature", f"must be > 0, got {self.temperature}"
+        if self.temperature_end is not None and self.temperature_end <= 0:
+            yield "temperature_end", f"must be > 0, got {self.temperature_end}"
+        if self.temperature_end is not None and self.kind == "sampled":
+            yield "temperature_end", "cannot be used with kind 'sampled' (the draws fix the temperature)"
+        if not 0.0 <= self.beta <= 1.0:
+            yield "beta", f"must be in [0, 1], got {self.beta}"
+        if not 0.0 <= self.skew < 1.0:
+            yield "skew", f"must be in [0, 1), got {self.skew}"
+        if self.chunk_tokens < 0:
+            yield "chunk_tokens", f"must be >= 0, got {self.chunk_tokens}"
+
+    def temperature_at(self, step: int, steps: int) -> float:
+        """T at ``step`` (0-based) of a stage of ``steps`` steps."""
+        if self.temperature_end is None:
+            return self.temperature
+        progress = min(step / max(steps - 1, 1), 1.0)
+        if self.temperature_schedule == "cosine":
+            progress = 0.5 * (1 - math.cos(math.pi * progress))
+        return self.temperature + (self.temperature_end - self.temperature) * progress
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    steps: int
+    """Optimizer steps in this stage."""
+    name: str = ""
+    """A label for logs and metrics (default: stage<i>)."""
+    mixture: list[SourceConfig] | None = None
+    """This stage's training data (None: data.url / data.mixture)."""
+    loss: LossConfig | None = None
+    """This stage's objective, replacing the top-level ``loss`` entirely (fields not given
+    take their defaults). None: the top-level loss."""
+
+    def check(self):
+        if self.steps < 1:
+            yield "steps", f"must be >= 1, got {self.steps}"
+        if self.mixture is not None and not self.mixture:
+            yield "mixture", "must list at least one dataset (or be left out)"
 
 
 @dataclass(frozen=True)
@@ -101,8 +199,8 @@ class OptimConfig:
     """Linear warm-up steps."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate decay after warm-up (cosine decays to 10% of lr)."""
-    max_steps: int = 1000
-    """Optimizer steps."""
+    max_steps: int | None = None
+    """Optimizer steps (default 1000). With ``stages``: leave unset (it is their sum)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     grad_clip: float = 1.0
@@ -113,7 +211,7 @@ class OptimConfig:
             yield "lr", f"must be > 0, got {self.lr}"
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             yield "betas", f"must be two numbers in [0, 1), got {list(self.betas)}"
-        if self.max_steps < 1:
+        if self.max_steps is not None and self.max_steps < 1:
             yield "max_steps", f"must be >= 1, got {self.max_steps}"
         if self.grad_accum < 1:
             yield "grad_accum", f"must be >= 1, got {self.grad_accum}"
@@ -139,6 +237,9 @@ class RunConfig:
     """Continue from output_dir/checkpoint if present."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the student trains: 'auto' = cuda when available, else cpu. Under torchrun
+    each rank takes cuda:LOCAL_RANK."""
 
     def check(self):
         for name in ("log_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):
@@ -160,6 +261,42 @@ class TrainConfig:
     """The training objective."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The optimizer and schedule."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Progressive training: stages run in order, each with its own steps, data mixture
+    and loss (e.g. CE warm-up, then KD at falling temperature). Empty: one stage of
+    optim.max_steps with ``data`` and ``loss``. The LR schedule spans all stages."""
+
+    def check(self):
+        if self.stages and self.optim.max_steps is not None:
+            total = sum(s.steps for s in self.stages)
+            if self.optim.max_steps != total:
+                yield (
+                    "optim.max_steps",
+                    f"is {self.optim.max_steps} but the stages sum to {total}; leave it unset",
+                )
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        if self.stages:
+            return sum(s.steps for s in self.stages)
+        return self.optim.max_steps or 1000
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages with data and loss filled in from the top level."""
+        if not self.stages:
+            return [
+                StageConfig(steps=self.total_steps, name="main", mixture=self.data.sources, loss=self.loss)
+            ]
+        return [
+            StageConfig(
+                steps=s.steps,
+                name=s.name or f"stage{i}",
+                mixture=list(s.mixture) if s.mixture is not None else self.data.sources,
+                loss=s.loss or self.loss,
+            )
+            for i, s in enumerate(self.stages)
+        ]
 
 
 def load_train_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

@@ -1,14 +1,17 @@
 """The student trainer: one readable loop, KD from streamed labels, checkpoints, eval.
 
-    setup()            model, tokenizer check, optimizer, data streams, resume
-    train()            the loop: micro-batches → loss → step → log / eval / checkpoint
-    evaluate()         KL to the teacher (top-k + tail), top-1 agreement, CE
-    save_checkpoint()  model, optimizer, schedule, step and data cursor, atomically
+    setup()            process group, model, tokenizer checks, optimizer, eval set, resume
+    train()            the loop over stages: micro-batches → loss → step → log / eval / checkpoint
+    evaluate()         KL to the teacher (top-k + tail), top-1 agreement, CE (rank 0)
+    save_checkpoint()  model, optimizer, schedule, step, every rank's data cursor, atomically
 
-Loss per position: ``alpha * KL_T(teacher || student) * T² + (1 - alpha) * CE``.
+Loss per position: ``alpha * D_T(teacher, student) * T² + (1 - alpha) * CE`` where D is
+the stage's divergence (students.losses) and T its temperature at this step.
+Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
+(gloo on CPU, nccl on CUDA) and each rank streams its own share of the row groups.
 One log line per logged step::
 
-    step 40/200 | loss 2.9 | kd 1.2 | ce 4.6 | lr 9.5e-04 | tok/s 5,300
+    step 40/200 [kd] | loss 2.9 | kd 1.2 | ce 4.6 | T 1.50 | lr 9.5e-04 | tok/s 5,300
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import yaml
 
 from labelgen.contract.configs import config_to_dict
 from labelgen.contract.format import Manifest, tokenizer_fingerprint
-from students.config import TrainConfig
+from students.chunked_loss import chunked_kd_loss
+from students.config import LossConfig, StageConfig, TrainConfig
 from students.data import LabelStream, open_dataset, row_group_refs
-from students.losses import bucket_kl, masked_cross_entropy, sampled_kd, topk_forward_kl
+from students.losses import bucket_kl, kd_loss, masked_cross_entropy, sampled_kd
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
 
@@ -78,62 +82,109 @@ def load_student(cfg: TrainConfig, seed: int) -> tuple[Any, Any, str]:
     return model, tokenizer, tok_path
 
 
-def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v) for k, v in batch.items()}
+def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class _Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (a list with one entry without torchrun)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def _pick_device(name: str, dist: _Dist) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but torch sees no CUDA device; use train.device=cpu or auto")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         self.cfg = cfg
-        self.log = log
+        self.dist = _Dist()
+        self.log = log if self.dist.main else (lambda msg: None)
         self.out = Path(cfg.train.output_dir)
         self.step = 0
+        self.stages = cfg.resolved_stages()
+        self._stream: Any = None
+        self._stream_stage = -1
+        self._data_states: dict[int, Any] = {}
 
     # ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.manifest, _, _ = open_dataset(cfg.data.url)
-        self.model, self.tokenizer, tok_path = load_student(cfg, cfg.train.seed)
-        check_tokenizer(self.manifest, self.tokenizer, tok_path, cfg.data.url)
-        self.kd_temperature = cfg.loss.temperature
-        if cfg.loss.kind == "sampled":
-            draws = self.manifest.products.get("draws")
-            if not draws:
-                raise ValueError(
-                    f"loss.kind=sampled needs random-sampling labels, but {cfg.data.url} has none; "
-                    "label with labels.draws=N (e.g. 32), or use loss.kind=forward_kl"
-                )
-            if cfg.loss.temperature not in (1.0, draws["temperature"]):
-                raise ValueError(
-                    f"loss.temperature={cfg.loss.temperature} but the draws at {cfg.data.url} were made at "
-                    f"temperature {draws['temperature']}; sampled KD uses the draws' temperature"
-                )
-            self.kd_temperature = float(draws["temperature"])
-        refs = row_group_refs(self.manifest)
-        if cfg.data.eval_url:
-            eval_manifest, _, _ = open_dataset(cfg.data.eval_url)
-            check_tokenizer(eval_manifest, self.tokenizer, tok_path, cfg.data.eval_url)
-            train_refs, eval_refs, eval_url = refs, row_group_refs(eval_manifest), cfg.data.eval_url
-        else:
-            n = cfg.data.holdout_row_groups
-            if n >= len(refs):
-                raise ValueError(
-                    f"data.holdout_row_groups={n} leaves nothing to train on ({len(refs)} row groups); "
-                    "lower it or set data.eval_url"
-                )
-            train_refs, eval_refs, eval_url = refs[: len(refs) - n], refs[len(refs) - n :], cfg.data.url
-            eval_manifest = self.manifest
-        self.train_stream = LabelStream(
-            cfg.data.url,
-            self.manifest,
-            train_refs,
-            cfg.data.batch_sequences,
-            seed=cfg.train.seed,
-            prefetch=cfg.data.prefetch_row_groups,
-        )
-        self.eval_args = (eval_url, eval_manifest, eval_refs)
+        self.device = _pick_device(cfg.train.device, self.dist)
+        self.dist.init(self.device)
+        self.model, self.tokenizer, self.tok_path = load_student(cfg, cfg.train.seed)
+        self.manifests: dict[str, Manifest] = {}
+        for stage in self.stages:
+            assert stage.mixture is not None and stage.loss is not None  # resolved_stages fills them
+            for source in stage.mixture:
+                manifest = self._manifest(source.url)
+                if stage.loss.kind == "sampled" and not manifest.products.get("draws"):
+                    raise ValueError(
+                        f"stage {stage.name!r} uses loss.kind=sampled, but {source.url} has no "
+                        "random-sampling labels; label with labels.draws=N (e.g. 32), "
+                        "or use loss.kind=forward_kl"
+                    )
+                draws = manifest.products.get("draws")
+                if stage.loss.kind == "sampled" and stage.loss.temperature not in (1.0, draws["temperature"]):
+                    raise ValueError(
+                        f"loss.temperature={stage.loss.temperature} but the draws at {source.url} were made "
+                        f"at temperature {draws['temperature']}; sampled KD uses the draws' temperature"
+                    )
+            if stage.loss.chunk_tokens:
+                config = self.model.config
+                for name in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+                    if getattr(config, name, None) not in (None, 1.0):
+                        raise ValueError(
+                            f"stage {stage.name!r}: loss.chunk_tokens needs logits = hidden @ W, but this "
+                            f"student's config sets {name}={getattr(config, name)}; set loss.chunk_tokens=0"
+                        )
+        self._setup_eval()
+        self.model.to(self.device)
+        self.ddp: torch.nn.Module = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
         o = cfg.optim
@@ -143,18 +194,50 @@ class Trainer:
             betas=tuple(o.betas),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.dist.barrier()
         ckpt = self.out / "checkpoint" / "state.pt"
         if cfg.train.resume and ckpt.is_file():
             self.load_checkpoint(ckpt)
         params = sum(p.numel() for p in self.model.parameters())
-        t = self.manifest.totals
+        first = self.manifests[self.stages[0].mixture[0].url]  # type: ignore[index]
+        t = first.totals
         self.log(
-            f"student {params / 1e6:.2f}M params | labels {cfg.data.url}: {t['rows']} sequences, "
-            f"{t['label_positions']} positions, top-{self.manifest.k} | train row groups "
-            f"{len(train_refs)}, eval row groups {len(eval_refs)} | start step {self.step}"
+            f"student {params / 1e6:.2f}M params on {self.device} x{self.dist.world} | labels "
+            f"{self.stages[0].mixture[0].url}: {t['rows']} sequences, {t['label_positions']} positions, "  # type: ignore[index]
+            f"top-{first.k} | stages {', '.join(f'{s.name}({s.steps})' for s in self.stages)} | "
+            f"eval row groups {len(self.eval_args[2])} | start step {self.step}"
         )
+
+    def _manifest(self, url: str) -> Manifest:
+        """The manifest of ``url`` (checked once against the student's tokenizer)."""
+        if url not in self.manifests:
+            manifest, _, _ = open_dataset(url)
+            check_tokenizer(manifest, self.tokenizer, self.tok_path, url)
+            self.manifests[url] = manifest
+        return self.manifests[url]
+
+    def _setup_eval(self) -> None:
+        """Held-out set: data.eval_url, else the last row groups of the first training dataset
+        (which its training streams then leave out)."""
+        cfg = self.cfg
+        self.holdout: dict[str, int] = {}
+        if cfg.data.eval_url:
+            manifest = self._manifest(cfg.data.eval_url)
+            self.eval_args = (cfg.data.eval_url, manifest, row_group_refs(manifest))
+            return
+        url = self.stages[0].mixture[0].url  # type: ignore[index]
+        refs = row_group_refs(self._manifest(url))
+        n = cfg.data.holdout_row_groups
+        if n >= len(refs):
+            raise ValueError(
+                f"data.holdout_row_groups={n} leaves nothing to train on ({len(refs)} row groups in {url}); "
+                "lower it or set data.eval_url"
+            )
+        self.holdout[url] = n
+        self.eval_args = (url, self.manifests[url], refs[len(refs) - n :])
 
     def _lr_factor(self, step: int) -> float:
         o = self.cfg.optim
@@ -162,98 +245,186 @@ class Trainer:
             return (step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return 1.0
-        progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+        progress = (step - o.warmup_steps) / max(1, self.cfg.total_steps - o.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     # ---------------------------------------------------------------------------------
-    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stage_at(self, step: int) -> tuple[int, StageConfig, int]:
+        """(stage index, stage, step within the stage) of global step ``step`` (0-based)."""
+        first = 0
+        for index, stage in enumerate(self.stages):
+            if step < first + stage.steps:
+                return index, stage, step - first
+            first += stage.steps
+        return len(self.stages) - 1, self.stages[-1], self.stages[-1].steps - 1
+
+    def stream(self, index: int) -> Any:
+        """The training stream of stage ``index`` (built on first use, at its saved cursor)."""
+        if self._stream_stage != index:
+            stage = self.stages[index]
+            assert stage.mixture is not None
+            data = self.cfg.data
+            url = stage.mixture[0].url
+            refs = row_group_refs(self.manifests[url])
+            refs = refs[: len(refs) - self.holdout.get(url, 0)]
+            self._stream = LabelStream(
+                url,
+                self.manifests[url],
+                refs,
+                data.batch_sequences,
+                seed=self.cfg.train.seed + index,
+                prefetch=data.prefetch_row_groups,
+            )
+            if index in self._data_states:
+                self._stream.load_state_dict(self._data_states[index])
+            self._stream_stage = index
+            self._batches = iter(self._stream)
+        return self._stream
+
+    def temperature(self, stage: StageConfig, in_stage: int) -> float:
+        """The KD temperature at step ``in_stage`` of ``stage`` (the draws' own for 'sampled')."""
+        assert stage.loss is not None and stage.mixture is not None
+        if stage.loss.kind == "sampled":
+            return float(self.manifests[stage.mixture[0].url].products["draws"]["temperature"])
+        return stage.loss.temperature_at(in_stage, stage.steps)
+
+    def next_batch(self, index: int) -> dict[str, torch.Tensor]:
+        self.stream(index)
+        return _to_device(next(self._batches), self.device)
+
+    # ---------------------------------------------------------------------------------
+    def losses(
+        self, batch: dict[str, torch.Tensor], loss: LossConfig | None = None, temperature: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """KD, CE and the mixed loss for one batch (shapes in students.data.collate)."""
-        logits = self.model(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
-        n_vocab = logits.shape[-1]
-        flat = logits.reshape(-1, n_vocab)  # (N, V)
+        loss = loss or self.stages[0].loss
+        assert loss is not None
+        if temperature is None:
+            temperature = self.temperature(self.stages[0], 0)
         mask = batch["label_mask"].reshape(-1)
+        targets = batch["next_ids"].reshape(-1)
         k = batch["topk_ids"].shape[-1]
-        loss_cfg = self.cfg.loss
-        ce = masked_cross_entropy(flat, batch["next_ids"].reshape(-1), mask)
-        if loss_cfg.alpha > 0 and loss_cfg.kind == "sampled":
+        ids, lps = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
+        if loss.chunk_tokens:
+            # Final hidden states (after the final norm) instead of logits; logits_to_keep=1 keeps the
+            # head inside the (DDP) forward for one position only.
+            out = self.ddp(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
+            last = out.hidden_states[-1][:, :-1]  # (B, T-1, D)
+            head = self.model.get_output_embeddings()
+            draws = {}
+            if loss.kind == "sampled":
+                width = batch["draw_ids"].shape[-1]
+                draws = {
+                    "draw_ids": batch["draw_ids"].reshape(-1, width),
+                    "draw_counts": batch["draw_counts"].reshape(-1, width),
+                }
+            return chunked_kd_loss(
+                last.reshape(-1, last.shape[-1]),
+                head.weight,
+                ids,
+                lps,
+                targets,
+                mask,
+                kind=loss.kind,
+                alpha=loss.alpha,
+                temperature=temperature,
+                chunk_tokens=loss.chunk_tokens,
+                beta=loss.beta,
+                skew=loss.skew,
+                lm_head_bias=getattr(head, "bias", None),
+                **draws,
+            )
+        logits = self.ddp(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
+        flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+        ce = masked_cross_entropy(flat, targets, mask)
+        if loss.alpha > 0 and loss.kind == "sampled":
             width = batch["draw_ids"].shape[-1]
             kd = sampled_kd(
                 flat,
                 batch["draw_ids"].reshape(-1, width),
                 batch["draw_counts"].reshape(-1, width),
                 mask,
-                self.kd_temperature,
+                temperature,
             )
-        elif loss_cfg.alpha > 0:
-            kd = topk_forward_kl(
-                flat,
-                batch["topk_ids"].reshape(-1, k),
-                batch["topk_logprobs"].reshape(-1, k),
-                mask,
-                self.kd_temperature,
-            )
+        elif loss.alpha > 0:
+            kd = kd_loss(loss.kind, flat, ids, lps, mask, temperature, beta=loss.beta, skew=loss.skew)
         else:
-            kd = torch.zeros((), dtype=ce.dtype)
-        return {"loss": loss_cfg.alpha * kd + (1 - loss_cfg.alpha) * ce, "kd": kd, "ce": ce}
+            kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
+        return {"loss": loss.alpha * kd + (1 - loss.alpha) * ce, "kd": kd, "ce": ce}
 
     def train(self) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim
-        self.model.train()
-        batches = iter(self.train_stream)
-        metrics_file = (self.out / "metrics.jsonl").open("a")
-        window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "time": time.monotonic(), "n": 0}
+        total = cfg.total_steps
+        self.ddp.train()
+        metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
+        window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0, "time": time.monotonic(), "n": 0}
         last_eval: dict[str, float] = {}
-        while self.step < o.max_steps:
+        while self.step < total:
+            index, stage, in_stage = self.stage_at(self.step)
+            assert stage.loss is not None
+            temperature = self.temperature(stage, in_stage)
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(o.grad_accum):
-                batch = _to_torch(next(batches))
-                parts = self.losses(batch)
+                batch = self.next_batch(index)
+                parts = self.losses(batch, stage.loss, temperature)
                 (parts["loss"] / o.grad_accum).backward()
                 for key in ("loss", "kd", "ce"):
                     window[key] += parts[key].item() / o.grad_accum
-                window["tokens"] += int(batch["label_mask"].sum().item())
+                window["tokens"] += float(batch["label_mask"].sum().item())
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             window["n"] += 1
-            if self.step % cfg.train.log_every == 0 or self.step == o.max_steps:
-                elapsed = time.monotonic() - window["time"]
+            if self.step % cfg.train.log_every == 0 or self.step == total:
                 n = window["n"]
+                loss_sum, kd_sum, ce_sum, tokens = self.dist.sum(
+                    [window["loss"], window["kd"], window["ce"], window["tokens"]]
+                )
+                w = self.dist.world
                 record = {
                     "step": self.step,
-                    "loss": window["loss"] / n,
-                    "kd": window["kd"] / n,
-                    "ce": window["ce"] / n,
+                    "stage": stage.name,
+                    "loss": loss_sum / n / w,
+                    "kd": kd_sum / n / w,
+                    "ce": ce_sum / n / w,
+                    "temperature": temperature,
                     "lr": self.scheduler.get_last_lr()[0],
-                    "tok_per_s": window["tokens"] / max(elapsed, 1e-9),
+                    "tok_per_s": tokens / max(time.monotonic() - window["time"], 1e-9),
                 }
                 self.log(
-                    f"step {self.step}/{o.max_steps} | loss {record['loss']:.4f} | kd {record['kd']:.4f} "
-                    f"| ce {record['ce']:.4f} | lr {record['lr']:.2e} | tok/s {record['tok_per_s']:,.0f}"
+                    f"step {self.step}/{total} [{stage.name}] | loss {record['loss']:.4f} "
+                    f"| kd {record['kd']:.4f} | ce {record['ce']:.4f} | T {temperature:.2f} "
+                    f"| lr {record['lr']:.2e} | tok/s {record['tok_per_s']:,.0f}"
                 )
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "time": time.monotonic(), "n": 0}
+                if metrics_file:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0, "time": time.monotonic(), "n": 0}
             every = cfg.train.eval_every
-            if (every and self.step % every == 0) or self.step == o.max_steps:
+            if (every and self.step % every == 0) or self.step == total:
                 last_eval = self.evaluate()
-                metrics_file.write(
-                    json.dumps({"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}}) + "\n"
-                )
-                metrics_file.flush()
+                if metrics_file:
+                    record = {"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
             ck = cfg.train.checkpoint_every
-            if (ck and self.step % ck == 0) or self.step == o.max_steps:
+            if (ck and self.step % ck == 0) or self.step == total:
                 self.save_checkpoint()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         self.save_final()
         return last_eval
 
     # ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics at T=1 (position-weighted means over label positions)."""
+        """Held-out metrics at T=1 (position-weighted means over label positions), on rank 0;
+        the other ranks wait and get an empty result."""
+        if not self.dist.main:
+            self.dist.barrier()
+            return {}
         url, manifest, refs = self.eval_args
         stream = LabelStream(url, manifest, refs, self.cfg.data.batch_sequences, shuffle=False, loop=False)
         was_training = self.model.training
@@ -262,7 +433,7 @@ class Trainer:
         for i, np_batch in enumerate(stream):
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
-            b = _to_torch(np_batch)
+            b = _to_device(np_batch, self.device)
             logits = self.model(input_ids=b["input_ids"]).logits[:, :-1]
             flat = logits.reshape(-1, logits.shape[-1]).float()
             k = b["topk_ids"].shape[-1]
@@ -278,6 +449,7 @@ class Trainer:
             sums["positions"] += float(mask.sum())
         if was_training:
             self.model.train()
+        self.dist.barrier()
         n = max(sums.pop("positions"), 1.0)
         result = {key: value / n for key, value in sums.items()}
         result["positions"] = n
@@ -289,34 +461,50 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes model, optimizer, schedule, step and every rank's data cursor."""
         directory = self.out / "checkpoint"
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.train_stream.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "config": config_to_dict(self.cfg),
-        }
-        tmp = directory / f"state.pt.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / "state.pt")
+        cursor = (self._stream_stage, self._stream.state_dict() if self._stream is not None else None)
+        cursors = self.dist.gather(cursor)
+        if self.dist.main:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {
+                "step": self.step,
+                "world_size": self.dist.world,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "data": cursors,
+                "torch_rng": torch.get_rng_state(),
+                "config": config_to_dict(self.cfg),
+            }
+            tmp = directory / f"state.pt.tmp-{os.getpid()}"
+            torch.save(state, tmp)
+            os.replace(tmp, directory / "state.pt")
+        self.dist.barrier()
         return directory / "state.pt"
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("world_size", 1) != self.dist.world:
+            raise ValueError(
+                f"{path} was written by {state.get('world_size', 1)} ranks, this run has {self.dist.world}; "
+                "resume with the same number of processes (each rank's data cursor is in it), or start "
+                "a new output_dir"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.train_stream.load_state_dict(state["data"])
+        stage, cursor = state["data"][self.dist.rank]
+        if cursor is not None:
+            self._data_states[stage] = cursor
         torch.set_rng_state(state["torch_rng"])
         self.step = state["step"]
         self.log(f"resumed from {path} at step {self.step}")
 
     def save_final(self) -> Path:
         directory = self.out / "final"
-        self.model.save_pretrained(str(directory))
-        self.tokenizer.save_pretrained(str(directory))
+        if self.dist.main:
+            self.model.save_pretrained(str(directory))
+            self.tokenizer.save_pretrained(str(directory))
+        self.dist.barrier()
         return directory

@@ -71,8 +71,7 @@ def test_alpha_zero_is_plain_ce(fake_labels, teacher_dir, tmp_path):
         config(fake_labels, teacher_dir, tmp_path / "ce", loss={"alpha": 0.0}), log=lambda m: None
     )
     trainer.setup()
-    batch = {k: torch.from_numpy(v) for k, v in next(iter(trainer.train_stream)).items()}
-    parts = trainer.losses(batch)
+    parts = trainer.losses(trainer.next_batch(0))
     assert parts["kd"].item() == 0.0 and parts["loss"].item() == pytest.approx(parts["ce"].item())
 
 
@@ -93,7 +92,120 @@ def test_sampled_kd_needs_draws_and_trains_with_them(fake_labels, teacher_dir, c
         config(url, teacher_dir, tmp_path / "b", loss={"kind": "sampled", "alpha": 1.0}), log=lambda m: None
     )
     trainer.setup()
-    batch = {k: torch.from_numpy(v) for k, v in next(iter(trainer.train_stream)).items()}
-    parts = trainer.losses(batch)
+    parts = trainer.losses(trainer.next_batch(0))
     assert parts["kd"].item() > 0 and parts["loss"].item() == pytest.approx(parts["kd"].item())
     parts["loss"].backward()
+
+
+def metrics(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+STAGES = [
+    {"name": "ce", "steps": 2, "loss": {"alpha": 0.0}},
+    {
+        "name": "kd",
+        "steps": 4,
+        "loss": {"kind": "jsd", "alpha": 0.8, "temperature": 2.0, "temperature_end": 1.0},
+    },
+]
+
+
+def test_stages_switch_loss_and_schedule_temperature_and_resume_exactly(fake_labels, teacher_dir, tmp_path):
+    def run(out, steps=None):
+        cfg = config(fake_labels, teacher_dir, out, optim={"schedule": "constant", "max_steps": None})
+        cfg = load_config(TrainConfig, {**config_dict(cfg), "stages": STAGES})
+        trainer = Trainer(cfg, log=lambda m: None)
+        trainer.setup()
+        if steps is not None:  # stop early, as if killed after a checkpoint
+            trainer.cfg = load_config(
+                TrainConfig,
+                {**config_dict(cfg), "train": {**config_dict(cfg)["train"], "checkpoint_every": 1}},
+            )
+            while trainer.step < steps:
+                _one_step(trainer)
+            trainer.save_checkpoint()
+            return trainer
+        trainer.train()
+        return trainer
+
+    full = run(tmp_path / "full")
+    logged = [m for m in metrics(tmp_path / "full") if "stage" in m]
+    assert [m["stage"] for m in logged] == ["ce", "kd", "kd"]
+    assert logged[0]["kd"] == 0.0 and logged[1]["kd"] > 0
+    # T moves linearly 2 → 1 over the kd stage's 4 steps: logged at its 2nd and 4th step.
+    assert [m["temperature"] for m in logged[1:]] == pytest.approx([2 - 1 / 3, 1.0])
+    run(tmp_path / "part", steps=3)  # stops inside the kd stage
+    resumed = run(tmp_path / "part")
+    assert resumed.step == 6
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    from labelgen.contract.configs import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def _one_step(trainer: Trainer) -> None:
+    index, stage, in_stage = trainer.stage_at(trainer.step)
+    trainer.optimizer.zero_grad()
+    parts = trainer.losses(trainer.next_batch(index), stage.loss, trainer.temperature(stage, in_stage))
+    parts["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.optim.grad_clip)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.step += 1
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])  # every kind: tests/test_chunked_loss.py
+def test_chunked_loss_matches_the_plain_path(fake_labels, teacher_dir, tmp_path, kind):
+    grads = []
+    for chunk in (0, 7):
+        trainer = Trainer(
+            config(
+                fake_labels,
+                teacher_dir,
+                tmp_path / f"{kind}{chunk}",
+                loss={"kind": kind, "chunk_tokens": chunk},
+            ),
+            log=lambda m: None,
+        )
+        trainer.setup()
+        parts = trainer.losses(trainer.next_batch(0))
+        parts["loss"].backward()
+        assert torch.isfinite(parts["loss"]) and parts["kd"].item() > 0
+        grads.append((parts, [p.grad.clone() for p in trainer.model.parameters()]))
+    (plain, g_plain), (chunked, g_chunked) = grads
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(chunked[key], plain[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_chunked, g_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_stage_and_data_config_errors_name_the_field(fake_labels, teacher_dir, tmp_path):
+    from labelgen.contract.configs import ConfigError
+
+    base = config_dict(config(fake_labels, teacher_dir, tmp_path))
+    bad = {
+        **base,
+        "data": {**base["data"], "mixture": [{"url": fake_labels, "weight": 0}]},
+        "optim": {**base["optim"], "max_steps": 5},
+        "stages": [{"steps": 2, "loss": {"temperature_end": -1}}, {"steps": 0}],
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, bad)
+    text = str(info.value)
+    for needle in (
+        "data.url xor data.mixture",
+        "data.mixture[0].weight must be > 0",
+        "stages[0].loss.temperature_end must be > 0",
+        "stages[1].steps must be >= 1",
+    ):
+        assert needle in text, text
+    ok = {**base, "optim": {**base["optim"], "max_steps": 5}, "stages": [{"steps": 2}, {"steps": 2}]}
+    with pytest.raises(ConfigError, match="optim.max_steps is 5 but the stages sum to 4"):
+        load_config(TrainConfig, ok)
