@@ -89,6 +89,11 @@ class DataConfig:
     ones as they land, stop waiting once the manifest says the job is complete."""
     poll_seconds: float = 10.0
     """Follow mode: seconds between looks for newly committed shards."""
+    follow_timeout_seconds: float | None = None
+    """Follow mode: give up (error) after this long without a new commit (None: wait)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank reading and decoding row groups (0: a
+    background thread in the training process)."""
 
     def check(self):
         if (self.url is None) == (not self.mixture):
@@ -99,6 +104,10 @@ class DataConfig:
             yield "holdout_row_groups", f"must be >= 0, got {self.holdout_row_groups}"
         if self.prefetch_row_groups < 0:
             yield "prefetch_row_groups", f"must be >= 0, got {self.prefetch_row_groups}"
+        if self.num_workers < 0:
+            yield "num_workers", f"must be >= 0, got {self.num_workers}"
+        if self.follow and len(self.sources) > 1:
+            yield "follow", "works with one dataset (data.url), not a mixture"
         if self.poll_seconds <= 0:
             yield "poll_seconds", f"must be > 0, got {self.poll_seconds}"
         if self.follow and self.eval_url is None and self.holdout_row_groups:

@@ -23,16 +23,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import yaml
 
 from labelgen.contract.configs import config_to_dict
-from labelgen.contract.format import Manifest, tokenizer_fingerprint
+from labelgen.contract.format import (
+    COMMITS_DIR,
+    MANIFEST_NAME,
+    FormatError,
+    Manifest,
+    join_url,
+    tokenizer_fingerprint,
+)
 from students.chunked_loss import chunked_kd_loss
 from students.config import LossConfig, StageConfig, TrainConfig
 from students.data import LabelStream, open_dataset, row_group_refs
 from students.losses import bucket_kl, kd_loss, masked_cross_entropy, sampled_kd
+from students.mixture import MixtureStream
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
 
@@ -80,6 +89,28 @@ def load_student(cfg: TrainConfig, seed: int) -> tuple[Any, Any, str]:
             f"than its tokenizer's ({len(tokenizer)}); set model.init.vocab_size >= {len(tokenizer)}"
         )
     return model, tokenizer, tok_path
+
+
+def _is_complete(url: str) -> bool:
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs.exists(join_url(root, MANIFEST_NAME))
+
+
+def _pending_manifest(url: str) -> Manifest:
+    """A stand-in manifest carrying the tokenizer of a job that is still writing ``url``
+    (from the job's ``_commits/tokenizer.json``, written before the first shard)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    path = join_url(root, COMMITS_DIR, "tokenizer.json")
+    if not fs.exists(path):
+        raise FormatError(
+            f"{url} has no manifest and no {COMMITS_DIR}/tokenizer.json: it is not a labeling job's output "
+            "(or the job has not started); check data.url"
+        )
+    with fs.open(path, "r") as f:
+        tokenizer = json.load(f)
+    return Manifest(
+        k=0, teacher={}, tokenizer=tokenizer, corpus={}, spec_sha256="", shards=[], units=[], created_at=""
+    )
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -157,6 +188,13 @@ class Trainer:
             assert stage.mixture is not None and stage.loss is not None  # resolved_stages fills them
             for source in stage.mixture:
                 manifest = self._manifest(source.url)
+                if manifest is None:  # follow mode, the job is still writing
+                    if stage.loss.kind == "sampled":
+                        raise ValueError(
+                            f"{source.url} is still being written; loss.kind=sampled needs its manifest "
+                            "(the draws' temperature): wait for the job, or use loss.kind=forward_kl"
+                        )
+                    continue
                 if stage.loss.kind == "sampled" and not manifest.products.get("draws"):
                     raise ValueError(
                         f"stage {stage.name!r} uses loss.kind=sampled, but {source.url} has no "
@@ -202,22 +240,36 @@ class Trainer:
         if cfg.train.resume and ckpt.is_file():
             self.load_checkpoint(ckpt)
         params = sum(p.numel() for p in self.model.parameters())
-        first = self.manifests[self.stages[0].mixture[0].url]  # type: ignore[index]
-        t = first.totals
+        url = self.stages[0].mixture[0].url  # type: ignore[index]
+        first = self.manifests.get(url)
+        what = (
+            "still being written"
+            if first is None
+            else (
+                f"{first.totals['rows']} sequences, {first.totals['label_positions']} positions, "
+                f"top-{first.k}"
+            )
+        )
         self.log(
-            f"student {params / 1e6:.2f}M params on {self.device} x{self.dist.world} | labels "
-            f"{self.stages[0].mixture[0].url}: {t['rows']} sequences, {t['label_positions']} positions, "  # type: ignore[index]
-            f"top-{first.k} | stages {', '.join(f'{s.name}({s.steps})' for s in self.stages)} | "
+            f"student {params / 1e6:.2f}M params on {self.device} x{self.dist.world} | labels {url}: {what}"
+            f" | stages {', '.join(f'{s.name}({s.steps})' for s in self.stages)} | "
             f"eval row groups {len(self.eval_args[2])} | start step {self.step}"
         )
 
-    def _manifest(self, url: str) -> Manifest:
-        """The manifest of ``url`` (checked once against the student's tokenizer)."""
-        if url not in self.manifests:
-            manifest, _, _ = open_dataset(url)
-            check_tokenizer(manifest, self.tokenizer, self.tok_path, url)
-            self.manifests[url] = manifest
-        return self.manifests[url]
+    def _manifest(self, url: str) -> Manifest | None:
+        """The manifest of ``url``, checked once against the student's tokenizer. In follow
+        mode a dataset still being written has none yet (None): its tokenizer is checked
+        against the job's pending record instead."""
+        if url in self.manifests:
+            return self.manifests[url]
+        if self.cfg.data.follow and not _is_complete(url):
+            check_tokenizer(_pending_manifest(url), self.tokenizer, self.tok_path, url)
+            self.log(f"following {url}: the labeling job is still writing; new shards are read as they land")
+            return None
+        manifest, _, _ = open_dataset(url)
+        check_tokenizer(manifest, self.tokenizer, self.tok_path, url)
+        self.manifests[url] = manifest
+        return manifest
 
     def _setup_eval(self) -> None:
         """Held-out set: data.eval_url, else the last row groups of the first training dataset
@@ -225,12 +277,17 @@ class Trainer:
         cfg = self.cfg
         self.holdout: dict[str, int] = {}
         if cfg.data.eval_url:
-            manifest = self._manifest(cfg.data.eval_url)
+            manifest, _, _ = open_dataset(cfg.data.eval_url)  # complete, also in follow mode
+            check_tokenizer(manifest, self.tokenizer, self.tok_path, cfg.data.eval_url)
             self.eval_args = (cfg.data.eval_url, manifest, row_group_refs(manifest))
             return
         url = self.stages[0].mixture[0].url  # type: ignore[index]
-        refs = row_group_refs(self._manifest(url))
         n = cfg.data.holdout_row_groups
+        train_manifest = self._manifest(url)
+        if n == 0 or train_manifest is None:  # no held-out set: evaluate() reports nothing
+            self.eval_args = (url, train_manifest, [])
+            return
+        refs = row_group_refs(train_manifest)
         if n >= len(refs):
             raise ValueError(
                 f"data.holdout_row_groups={n} leaves nothing to train on ({len(refs)} row groups in {url}); "
@@ -259,22 +316,46 @@ class Trainer:
         return len(self.stages) - 1, self.stages[-1], self.stages[-1].steps - 1
 
     def stream(self, index: int) -> Any:
-        """The training stream of stage ``index`` (built on first use, at its saved cursor)."""
+        """The training stream of stage ``index`` (built on first use, at its saved cursor):
+        this rank's share of the stage's dataset, or a weighted mixture of several."""
         if self._stream_stage != index:
             stage = self.stages[index]
             assert stage.mixture is not None
             data = self.cfg.data
-            url = stage.mixture[0].url
-            refs = row_group_refs(self.manifests[url])
-            refs = refs[: len(refs) - self.holdout.get(url, 0)]
-            self._stream = LabelStream(
-                url,
-                self.manifests[url],
-                refs,
-                data.batch_sequences,
-                seed=self.cfg.train.seed + index,
-                prefetch=data.prefetch_row_groups,
-            )
+            streams = []
+            for source in stage.mixture:
+                manifest = self.manifests.get(source.url)
+                refs = None
+                if manifest is not None and not data.follow:
+                    refs = row_group_refs(manifest)
+                    refs = refs[: len(refs) - self.holdout.get(source.url, 0)]
+                streams.append(
+                    LabelStream(
+                        source.url,
+                        manifest,
+                        refs,
+                        data.batch_sequences,
+                        seed=self.cfg.train.seed + index,
+                        prefetch=data.prefetch_row_groups,
+                        rank=self.dist.rank,
+                        world_size=self.dist.world,
+                        num_workers=data.num_workers,
+                        verify=data.verify,
+                        follow=data.follow,
+                        poll_interval=data.poll_seconds,
+                        follow_timeout=data.follow_timeout_seconds,
+                        log=self.log,
+                    )
+                )
+            if len(streams) == 1:
+                self._stream = streams[0]
+            else:
+                self._stream = MixtureStream(
+                    streams,
+                    [s.weight for s in stage.mixture],
+                    seed=self.cfg.train.seed + index,
+                    names=[s.url for s in stage.mixture],
+                )
             if index in self._data_states:
                 self._stream.load_state_dict(self._data_states[index])
             self._stream_stage = index
@@ -426,7 +507,21 @@ class Trainer:
             self.dist.barrier()
             return {}
         url, manifest, refs = self.eval_args
-        stream = LabelStream(url, manifest, refs, self.cfg.data.batch_sequences, shuffle=False, loop=False)
+        if not refs:
+            self.log(
+                f"eval step {self.step} | no held-out labels (set data.eval_url or data.holdout_row_groups)"
+            )
+            self.dist.barrier()
+            return {}
+        stream = LabelStream(
+            url,
+            manifest,
+            refs,
+            self.cfg.data.batch_sequences,
+            shuffle=False,
+            loop=False,
+            verify=self.cfg.data.verify,
+        )
         was_training = self.model.training
         self.model.eval()
         sums = {"kl": 0.0, "agree": 0.0, "ce": 0.0, "teacher_ce": 0.0, "positions": 0.0}

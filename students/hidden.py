@@ -1,0 +1,102 @@
+"""Hidden-state join: the teacher's sampled hidden states for the rows of a label row group.
+
+Hidden shards (``ShardRecord.hidden_path``) hold one row per sequence: sampled token
+positions and one ``P x D`` little-endian blob per layer. Rows are joined to label rows
+by ``(sample_id, token_hash)``, never by row position, so a reordered or partial hidden
+shard can never feed one sequence's states to another. The writer aligns row groups
+(hidden row group i holds the rows of label row group i), so one row group is read; the
+whole hidden shard is read only if a key is missing there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from labelgen.contract.format import Columns, FormatError, Manifest, join_url
+from students.shards import RowGroupRef, Rows
+
+__all__ = ["HiddenRows", "read_hidden", "decode_hidden"]
+
+
+@dataclass
+class HiddenRows:
+    """Hidden states aligned with the R rows of a label row group.
+
+    Row j's sampled positions are ``positions[offsets[j]:offsets[j+1]]`` (token positions
+    t within the row) and its states ``values[layer][offsets[j]:offsets[j+1]]`` (P_j, D).
+    """
+
+    layers: tuple[int, ...]
+    offsets: np.ndarray  # (R+1,) int64
+    positions: np.ndarray  # (sum P,) int32
+    values: dict[int, np.ndarray]  # layer -> (sum P, D) float32
+
+    def row(self, j: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """(positions (P,), {layer: (P, D)}) of row j."""
+        a, z = self.offsets[j], self.offsets[j + 1]
+        return self.positions[a:z], {layer: v[a:z] for layer, v in self.values.items()}
+
+
+def decode_hidden(blob: bytes, dtype: str, count: int) -> np.ndarray:
+    """One layer blob of ``count`` positions → (count, D) float32 (float16/bfloat16/float32)."""
+    if dtype == "float32":
+        flat = np.frombuffer(blob, "<f4")
+    elif dtype == "float16":
+        flat = np.frombuffer(blob, "<f2").astype(np.float32)
+    elif dtype == "bfloat16":
+        flat = (np.frombuffer(blob, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise FormatError(f"hidden dtype {dtype!r} is not one of float16, bfloat16, float32")
+    return flat.reshape(count, -1) if count else flat.reshape(0, 0)
+
+
+def read_hidden(url: str, manifest: Manifest, ref: RowGroupRef, rows: Rows) -> HiddenRows:
+    """Hidden states of the rows of label row group ``ref``, joined by sample_id + token_hash.
+
+    Raises:
+        FormatError: the dataset has no hidden product, or a label row has no hidden row.
+    """
+    product = manifest.products.get("hidden")
+    record = next((s for s in manifest.shards if s.path == ref.shard), None)
+    if not product or record is None or not record.hidden_path:
+        raise FormatError(f"{url}: no hidden states for {ref.shard}; label with hidden.layers set")
+    layers = tuple(int(x) for x in product["layers"])
+    fs, root = fsspec.core.url_to_fs(url)
+    path = join_url(root, record.hidden_path)
+    assert rows.token_hashes is not None
+    keys = list(zip(rows.sample_ids, rows.token_hashes.tolist(), strict=True))
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        table = parquet.read_row_group(ref.row_group) if ref.row_group < parquet.num_row_groups else None
+        index = _index(table) if table is not None else {}
+        if any(key not in index for key in keys):
+            table = parquet.read()
+            index = _index(table)
+    missing = [key for key in keys if key not in index]
+    if missing:
+        raise FormatError(f"{path} has no hidden row for {len(missing)} label row(s), e.g. {missing[0]}")
+    take = np.array([index[key] for key in keys], np.int64)
+    picked = table.take(pa.array(take))
+    pos_col = picked.column(Columns.HIDDEN_POSITIONS).combine_chunks()
+    pos_off = pos_col.offsets.to_numpy()
+    positions = pos_col.values.to_numpy()[pos_off[0] : pos_off[-1]].astype(np.int32)
+    offsets = (pos_off - pos_off[0]).astype(np.int64)
+    counts = np.diff(offsets)
+    values = {}
+    for layer in layers:
+        blobs = picked.column(Columns.HIDDEN_LAYER.format(layer)).to_pylist()
+        parts = [decode_hidden(b, product["dtype"], int(c)) for b, c in zip(blobs, counts, strict=True)]
+        nonempty = [p for p in parts if p.size]
+        values[layer] = np.concatenate(nonempty) if nonempty else np.zeros((0, 0), np.float32)
+    return HiddenRows(layers=layers, offsets=offsets, positions=positions, values=values)
+
+
+def _index(table: pa.Table) -> dict[tuple[str, int], int]:
+    ids = table.column(Columns.SAMPLE_ID).to_pylist()
+    hashes = table.column(Columns.TOKEN_HASH).to_pylist()
+    return {key: i for i, key in enumerate(zip(ids, hashes, strict=True))}
