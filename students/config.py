@@ -22,6 +22,7 @@ __all__ = [
     "SourceConfig",
     "DataConfig",
     "StageConfig",
+    "HiddenLossConfig",
     "KD_KINDS",
     "LossConfig",
     "OptimConfig",
@@ -119,6 +120,26 @@ class DataConfig:
         return [SourceConfig(self.url)] if self.url is not None else list(self.mixture)
 
 
+@dataclass(frozen=True)
+class HiddenLossConfig:
+    layer_map: dict[int, int]
+    """{student layer: teacher layer}, HF numbering (0 = embeddings, i = output of layer i);
+    the teacher layers must be among the dataset's hidden.layers."""
+    weight: float = 1.0
+    """Weight of the hidden-state term, added to the KD/CE mix."""
+    kind: Literal["mse", "cosine"] = "mse"
+    """'mse' on the projected student state, or 'cosine' distance (1 - cos)."""
+
+    def check(self):
+        if not self.layer_map:
+            yield "layer_map", "must map at least one student layer to a teacher layer, e.g. {2: 16}"
+        for s_layer, t_layer in self.layer_map.items():
+            if not (isinstance(s_layer, int) and isinstance(t_layer, int) and s_layer >= 0 and t_layer >= 0):
+                yield "layer_map", f"entries must be integer layer ids >= 0, got {s_layer!r}: {t_layer!r}"
+        if self.weight < 0:
+            yield "weight", f"must be >= 0, got {self.weight}"
+
+
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "sampled")
 
 
@@ -146,6 +167,9 @@ class LossConfig:
     """'jsd' only: the mixture weight of the generalized JSD (0 and 1 are KL limits)."""
     skew: float = 0.1
     """'skew_kl' / 'skew_reverse_kl' only: the mixing weight of the skewed distribution."""
+    hidden: HiddenLossConfig | None = None
+    """Feature distillation: match the teacher's stored hidden states (labels made with
+    hidden.layers) through a learned projection per mapped layer. None: off."""
     chunk_tokens: int = 0
     """> 0: compute the loss fused with the output projection in chunks of this many tokens,
     so the full-vocabulary logits are never held for the whole batch (large vocabularies).

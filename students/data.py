@@ -68,6 +68,7 @@ __all__ = [
     "row_group_refs",
     "read_row_group",
     "collate",
+    "collate_hidden",
     "decode_rows",
     "to_hf_iterable",
     "read_hidden",
@@ -188,6 +189,28 @@ def _collate_draws(rows: Rows, positions: np.ndarray, valid: np.ndarray) -> dict
     return {"draw_ids": ids, "draw_counts": counts}
 
 
+def collate_hidden(hidden: Any, indices: Iterable[int]) -> dict[str, np.ndarray]:
+    """The teacher's sampled hidden states of the given rows (a ``HiddenRows``), flat.
+
+    Returns:
+        hidden_row (P,) int64: the batch row (0..B-1) of each sample; hidden_pos (P,) int64:
+        its token position t in that row (the state after token t); hidden_layer_<L> (P, D_L)
+        float32 for each stored teacher layer L. P = samples over the selected rows.
+    """
+    idx = np.fromiter(indices, np.int64)
+    starts, ends = hidden.offsets[idx], hidden.offsets[idx + 1]
+    counts = ends - starts
+    take = np.concatenate([np.arange(a, z) for a, z in zip(starts, ends, strict=True)]) if len(idx) else []
+    take = np.asarray(take, np.int64)
+    out = {
+        "hidden_row": np.repeat(np.arange(len(idx), dtype=np.int64), counts),
+        "hidden_pos": hidden.positions[take].astype(np.int64),
+    }
+    for layer, values in hidden.values.items():
+        out[f"hidden_layer_{layer}"] = values[take] if len(take) else values[:0]
+    return out
+
+
 def _log_warning(message: str) -> None:
     import logging
 
@@ -217,6 +240,8 @@ class LabelStream:
             (None: wait for ever).
         mp_context: multiprocessing start method of the DataLoader workers.
         log: called with warnings (skipped shards); must pickle when num_workers > 0.
+        hidden: also join the teacher's sampled hidden states to each batch
+            (:func:`collate_hidden`; needs a dataset labeled with hidden.layers).
     """
 
     def __init__(
@@ -240,6 +265,7 @@ class LabelStream:
         follow_timeout: float | None = None,
         mp_context: str | None = "forkserver",
         log: Callable[[str], None] | None = None,
+        hidden: bool = False,
     ):
         if batch_sequences < 1:
             raise ValueError(f"batch_sequences must be >= 1, got {batch_sequences}")
@@ -251,7 +277,11 @@ class LabelStream:
             raise ValueError(f"verify={verify!r} is not a policy; choose one of {', '.join(VERIFY_POLICIES)}")
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.follow = follow
+        self.follow, self.hidden = follow, hidden
+        if hidden and follow:
+            raise ValueError(
+                "hidden=True needs the complete dataset's manifest; it cannot be used with follow=True"
+            )
         if follow:
             if refs is not None:
                 raise ValueError(
@@ -469,6 +499,11 @@ class LabelStream:
         def load(item: tuple) -> tuple:
             ref, start, at, end = item
             rows, check = reader.read_pending(ref)  # a first-touch shard is hashed meanwhile
+            if self.hidden and rows is not None:
+                from students.hidden import read_hidden
+
+                assert self.manifest is not None  # hidden excludes follow mode
+                rows = (rows, read_hidden(self.url, self.manifest, ref, rows))
             return ref, start, at, end, rows, check
 
         items: Iterator[tuple]
@@ -480,10 +515,14 @@ class LabelStream:
             for _ref, start, at, end, rows, check in items:
                 if rows is None or (check is not None and not check()):
                     continue  # shard skipped by verify='skip'
+                rows, hidden = rows if self.hidden else (rows, None)
                 for row in range(start, len(rows), self.batch):
                     stop_row = min(row + self.batch, len(rows))
                     after = end if stop_row >= len(rows) else at(stop_row)
-                    yield collate(rows, range(row, stop_row)), after, list(reader.skipped)
+                    batch = collate(rows, range(row, stop_row))
+                    if hidden is not None:
+                        batch.update(collate_hidden(hidden, range(row, stop_row)))
+                    yield batch, after, list(reader.skipped)
         finally:
             stop.set()
             if hasattr(items, "close"):

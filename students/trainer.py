@@ -40,6 +40,7 @@ from labelgen.contract.format import (
 from students.chunked_loss import chunked_kd_loss
 from students.config import LossConfig, StageConfig, TrainConfig
 from students.data import LabelStream, open_dataset, row_group_refs
+from students.hidden_losses import HiddenStateDistiller
 from students.losses import bucket_kl, kd_loss, masked_cross_entropy, sampled_kd
 from students.mixture import MixtureStream
 
@@ -215,16 +216,19 @@ class Trainer:
                             f"stage {stage.name!r}: loss.chunk_tokens needs logits = hidden @ W, but this "
                             f"student's config sets {name}={getattr(config, name)}; set loss.chunk_tokens=0"
                         )
+        self._setup_hidden()
         self._setup_eval()
         self.model.to(self.device)
+        self.hidden_heads.to(self.device)
         self.ddp: torch.nn.Module = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        params = [*self.model.parameters(), *self.hidden_heads.parameters()]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -270,6 +274,46 @@ class Trainer:
         check_tokenizer(manifest, self.tokenizer, self.tok_path, url)
         self.manifests[url] = manifest
         return manifest
+
+    def _setup_hidden(self) -> None:
+        """A learned projection set (HiddenStateDistiller) per stage with a hidden-state loss;
+        its datasets must carry the mapped teacher layers."""
+        self.hidden_heads = torch.nn.ModuleDict()
+        for index, stage in enumerate(self.stages):
+            assert stage.loss is not None and stage.mixture is not None
+            spec = stage.loss.hidden
+            if spec is None:
+                continue
+            dims = set()
+            for source in stage.mixture:
+                manifest = self.manifests.get(source.url)
+                product = manifest.products.get("hidden") if manifest is not None else None
+                if manifest is None or not product:
+                    raise ValueError(
+                        f"stage {stage.name!r} has loss.hidden, but {source.url} has no hidden-state samples "
+                        "(or is still being written); label with hidden.layers set, or drop loss.hidden"
+                    )
+                missing = sorted(set(spec.layer_map.values()) - set(product["layers"]))
+                if missing:
+                    raise ValueError(
+                        f"loss.hidden.layer_map uses teacher layer(s) {missing}, but {source.url} stores "
+                        f"layers {product['layers']}; map to stored layers"
+                    )
+                dims.add(int(product["dim"]))
+            if len(dims) != 1:
+                raise ValueError(
+                    f"stage {stage.name!r}: its datasets' teacher hidden sizes differ ({sorted(dims)})"
+                )
+            n_states = self.model.config.num_hidden_layers + 1
+            bad = sorted(s for s in spec.layer_map if s >= n_states)
+            if bad:
+                raise ValueError(
+                    f"loss.hidden.layer_map uses student layer(s) {bad}, but the student has "
+                    f"{n_states - 1} layers (0 = embeddings .. {n_states - 1})"
+                )
+            self.hidden_heads[str(index)] = HiddenStateDistiller(
+                spec.layer_map, self.model.config.hidden_size, dims.pop(), kind=spec.kind
+            )
 
     def _setup_eval(self) -> None:
         """Held-out set: data.eval_url, else the last row groups of the first training dataset
@@ -345,6 +389,7 @@ class Trainer:
                         poll_interval=data.poll_seconds,
                         follow_timeout=data.follow_timeout_seconds,
                         log=self.log,
+                        hidden=stage.loss is not None and stage.loss.hidden is not None,
                     )
                 )
             if len(streams) == 1:
@@ -375,31 +420,36 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------
     def losses(
-        self, batch: dict[str, torch.Tensor], loss: LossConfig | None = None, temperature: float | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        loss: LossConfig | None = None,
+        temperature: float | None = None,
+        stage: int = 0,
     ) -> dict[str, torch.Tensor]:
-        """KD, CE and the mixed loss for one batch (shapes in students.data.collate)."""
-        loss = loss or self.stages[0].loss
+        """KD, CE (and hidden-state) terms and the mixed loss for one batch of stage ``stage``
+        (shapes in students.data.collate)."""
+        loss = loss or self.stages[stage].loss
         assert loss is not None
         if temperature is None:
-            temperature = self.temperature(self.stages[0], 0)
+            temperature = self.temperature(self.stages[stage], 0)
         mask = batch["label_mask"].reshape(-1)
         targets = batch["next_ids"].reshape(-1)
         k = batch["topk_ids"].shape[-1]
         ids, lps = batch["topk_ids"].reshape(-1, k), batch["topk_logprobs"].reshape(-1, k)
+        draws = {}
+        if loss.kind == "sampled":
+            width = batch["draw_ids"].shape[-1]
+            draws = {
+                "draw_ids": batch["draw_ids"].reshape(-1, width),
+                "draw_counts": batch["draw_counts"].reshape(-1, width),
+            }
         if loss.chunk_tokens:
             # Final hidden states (after the final norm) instead of logits; logits_to_keep=1 keeps the
             # head inside the (DDP) forward for one position only.
             out = self.ddp(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
             last = out.hidden_states[-1][:, :-1]  # (B, T-1, D)
             head = self.model.get_output_embeddings()
-            draws = {}
-            if loss.kind == "sampled":
-                width = batch["draw_ids"].shape[-1]
-                draws = {
-                    "draw_ids": batch["draw_ids"].reshape(-1, width),
-                    "draw_counts": batch["draw_counts"].reshape(-1, width),
-                }
-            return chunked_kd_loss(
+            parts = chunked_kd_loss(
                 last.reshape(-1, last.shape[-1]),
                 head.weight,
                 ids,
@@ -415,30 +465,54 @@ class Trainer:
                 lm_head_bias=getattr(head, "bias", None),
                 **draws,
             )
-        logits = self.ddp(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
-        flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
-        ce = masked_cross_entropy(flat, targets, mask)
-        if loss.alpha > 0 and loss.kind == "sampled":
-            width = batch["draw_ids"].shape[-1]
-            kd = sampled_kd(
-                flat,
-                batch["draw_ids"].reshape(-1, width),
-                batch["draw_counts"].reshape(-1, width),
-                mask,
-                temperature,
-            )
-        elif loss.alpha > 0:
-            kd = kd_loss(loss.kind, flat, ids, lps, mask, temperature, beta=loss.beta, skew=loss.skew)
         else:
-            kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
-        return {"loss": loss.alpha * kd + (1 - loss.alpha) * ce, "kd": kd, "ce": ce}
+            out = self.ddp(input_ids=batch["input_ids"], output_hidden_states=loss.hidden is not None)
+            logits = out.logits[:, :-1]  # (B, T-1, V)
+            flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+            ce = masked_cross_entropy(flat, targets, mask)
+            if loss.alpha > 0 and loss.kind == "sampled":
+                kd = sampled_kd(flat, draws["draw_ids"], draws["draw_counts"], mask, temperature)
+            elif loss.alpha > 0:
+                kd = kd_loss(loss.kind, flat, ids, lps, mask, temperature, beta=loss.beta, skew=loss.skew)
+            else:
+                kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
+            parts = {"loss": loss.alpha * kd + (1 - loss.alpha) * ce, "kd": kd, "ce": ce}
+        if loss.hidden is not None:
+            teacher = {t: batch[f"hidden_layer_{t}"] for t in set(loss.hidden.layer_map.values())}
+            distiller = self.hidden_heads[str(stage)]
+            feature = distiller(out.hidden_states, batch["hidden_row"], batch["hidden_pos"], teacher)
+            parts["loss"] = parts["loss"] + loss.hidden.weight * feature
+            parts["hidden"] = feature.detach()
+        return parts
+
+    @staticmethod
+    def _new_window() -> dict[str, float]:
+        return {
+            "loss": 0.0,
+            "kd": 0.0,
+            "ce": 0.0,
+            "hidden": 0.0,
+            "tokens": 0.0,
+            "time": time.monotonic(),
+            "n": 0,
+        }
+
+    def _sync_hidden_heads(self) -> None:
+        """Average the projections' gradients over ranks (they live outside the DDP model)."""
+        if self.dist.world == 1:
+            return
+        for p in self.hidden_heads.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.dist.world
 
     def train(self) -> dict[str, float]:
         cfg, o = self.cfg, self.cfg.optim
         total = cfg.total_steps
         self.ddp.train()
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
-        window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0, "time": time.monotonic(), "n": 0}
+        window = self._new_window()
         last_eval: dict[str, float] = {}
         while self.step < total:
             index, stage, in_stage = self.stage_at(self.step)
@@ -447,21 +521,25 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(o.grad_accum):
                 batch = self.next_batch(index)
-                parts = self.losses(batch, stage.loss, temperature)
+                parts = self.losses(batch, stage.loss, temperature, stage=index)
                 (parts["loss"] / o.grad_accum).backward()
-                for key in ("loss", "kd", "ce"):
-                    window[key] += parts[key].item() / o.grad_accum
+                for key in ("loss", "kd", "ce", "hidden"):
+                    if key in parts:
+                        window[key] += parts[key].item() / o.grad_accum
                 window["tokens"] += float(batch["label_mask"].sum().item())
+            self._sync_hidden_heads()
             if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [*self.model.parameters(), *self.hidden_heads.parameters()], o.grad_clip
+                )
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             window["n"] += 1
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 n = window["n"]
-                loss_sum, kd_sum, ce_sum, tokens = self.dist.sum(
-                    [window["loss"], window["kd"], window["ce"], window["tokens"]]
+                loss_sum, kd_sum, ce_sum, hidden_sum, tokens = self.dist.sum(
+                    [window["loss"], window["kd"], window["ce"], window["hidden"], window["tokens"]]
                 )
                 w = self.dist.world
                 record = {
@@ -470,6 +548,7 @@ class Trainer:
                     "loss": loss_sum / n / w,
                     "kd": kd_sum / n / w,
                     "ce": ce_sum / n / w,
+                    **({"hidden": hidden_sum / n / w} if stage.loss.hidden is not None else {}),
                     "temperature": temperature,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tok_per_s": tokens / max(time.monotonic() - window["time"], 1e-9),
@@ -482,7 +561,7 @@ class Trainer:
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0.0, "time": time.monotonic(), "n": 0}
+                window = self._new_window()
             every = cfg.train.eval_every
             if (every and self.step % every == 0) or self.step == total:
                 last_eval = self.evaluate()
@@ -566,6 +645,7 @@ class Trainer:
                 "step": self.step,
                 "world_size": self.dist.world,
                 "model": self.model.state_dict(),
+                "hidden_heads": self.hidden_heads.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "data": cursors,
@@ -587,6 +667,7 @@ class Trainer:
                 "a new output_dir"
             )
         self.model.load_state_dict(state["model"])
+        self.hidden_heads.load_state_dict(state.get("hidden_heads", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         stage, cursor = state["data"][self.dist.rank]
@@ -601,5 +682,7 @@ class Trainer:
         if self.dist.main:
             self.model.save_pretrained(str(directory))
             self.tokenizer.save_pretrained(str(directory))
+            if len(self.hidden_heads):
+                torch.save(self.hidden_heads.state_dict(), directory / "hidden_projections.pt")
         self.dist.barrier()
         return directory

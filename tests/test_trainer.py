@@ -209,3 +209,56 @@ def test_stage_and_data_config_errors_name_the_field(fake_labels, teacher_dir, t
     ok = {**base, "optim": {**base["optim"], "max_steps": 5}, "stages": [{"steps": 2}, {"steps": 2}]}
     with pytest.raises(ConfigError, match="optim.max_steps is 5 but the stages sum to 4"):
         load_config(TrainConfig, ok)
+
+
+def test_mixture_of_two_label_datasets(fake_labels, teacher_dir, corpus_dir, tmp_path):
+    from conftest import make_spec
+    from fakes import FakeTeacher
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+    from students.mixture import MixtureStream
+
+    other = str(tmp_path / "other")
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, other, labels={"k": 4}))
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    mixture = {"url": None, "mixture": [{"url": fake_labels, "weight": 3.0}, {"url": other, "weight": 1.0}]}
+    trainer = Trainer(config(fake_labels, teacher_dir, tmp_path / "run", data=mixture), log=lambda m: None)
+    trainer.setup()
+    assert isinstance(trainer.stream(0), MixtureStream)
+    seen = [int(trainer.next_batch(0)["dataset"]) for _ in range(24)]
+    assert 0 < seen.count(1) < seen.count(0)  # both datasets, weighted 3:1
+    trainer.train()
+    assert trainer.step == 6
+
+
+def test_hidden_state_loss_joins_teacher_states_by_row_and_position(teacher_dir, corpus_dir, tmp_path):
+    from conftest import make_spec
+    from fakes import FakeTeacher
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+
+    url = str(tmp_path / "hidden")
+    spec = load_config(
+        JobSpec, make_spec(teacher_dir, corpus_dir, url, hidden={"layers": [1, 2], "dtype": "float32"})
+    )
+    run_job(
+        spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k, layers=(1, 2), dim=8)
+    )
+    hidden = {"hidden": {"layer_map": {1: 2}, "weight": 0.5, "kind": "mse"}}
+    trainer = Trainer(config(url, teacher_dir, tmp_path / "run", loss=hidden), log=lambda m: None)
+    trainer.setup()
+    batch = trainer.next_batch(0)
+    # The fake teacher's vector at (row, t) is token id + layer: the join must land exactly there.
+    tokens = batch["input_ids"][batch["hidden_row"], batch["hidden_pos"]].float()
+    assert len(tokens) > 0
+    torch.testing.assert_close(batch["hidden_layer_2"][:, 0], tokens + 2)
+    parts = trainer.losses(batch)
+    assert parts["hidden"].item() > 0
+    parts["loss"].backward()
+    projection = trainer.hidden_heads["0"].projections["1"].weight
+    assert projection.grad is not None and projection.grad.abs().sum() > 0
+    trainer.train()
+    assert (tmp_path / "run" / "final" / "hidden_projections.pt").is_file()
+    with pytest.raises(ValueError, match="stores layers"):
+        bad = {"hidden": {"layer_map": {1: 5}}}
+        Trainer(config(url, teacher_dir, tmp_path / "bad", loss=bad), log=lambda m: None).setup()
