@@ -83,6 +83,9 @@ def draw_uniforms(seed: int, prompt_hash: int, positions, draws: int):
     return ((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) * (1.0 / (1 << 53))
 
 
+_SMALL_VOCAB = 4096  # below this, sample_draws uses a single cumulative sum
+
+
 def _draw_block(vocab: int, draws: int) -> int:
     """Block width for two-level sampling: about sqrt(V) / 2, a power of two in [8, 256]."""
     width = 8
@@ -93,51 +96,58 @@ def _draw_block(vocab: int, draws: int) -> int:
 
 
 def sample_draws(logits, uniforms, temperature: float = 1.0, block: int = 0):
-    """Inverse-CDF samples from ``softmax(logits / temperature)``, two-level.
+    """Inverse-CDF samples from ``softmax(logits / temperature)``, two-level, and log Z.
 
-    The vocabulary is cut into blocks of ``block`` ids; one pass computes each block's
-    log-sum-exp, a uniform picks a block by the (small) cumulative block masses, and
+    One pass takes the row maximum, one writes ``exp(x - max)`` and one sums it per block
+    of ``block`` ids; a uniform picks a block by the (small) cumulative block masses, and
     only that block's probabilities are summed to pick the id. Same samples as a full
-    cumulative sum over the vocabulary (up to float rounding at block boundaries), at
-    about one pass over the logits instead of four (exp, float64 copy, cumsum, search).
+    cumulative sum over the vocabulary (up to float rounding at id boundaries) without
+    a float64 copy and a cumulative sum of the whole vocabulary; the normaliser comes out
+    of the same passes, so the caller needs no separate log-sum-exp.
 
     Args:
         logits: (n, V) float32.
         uniforms: (n, N) float64 in [0, 1).
         temperature: T > 0.
-        block: block width (0 = automatic).
+        block: block width (0 = automatic, about sqrt(V) / 2; vocabularies up to 4096 then
+            use one cumulative sum, which has less per-call overhead there).
 
     Returns:
-        (n, N) int64 sampled ids in [0, V).
+        ((n, N) int64 sampled ids in [0, V), (n, 1) float32 log-normaliser of ``logits / T``).
     """
     import torch
 
     n, vocab = logits.shape
     draws = uniforms.shape[1]
-    if temperature != 1.0:
-        logits = logits / temperature
+    x = logits / temperature if temperature != 1.0 else logits
+    if vocab <= _SMALL_VOCAB and not block:  # few ids: one cumulative sum has less overhead
+        log_z = torch.logsumexp(x, dim=-1, keepdim=True)
+        cdf = (x - log_z).double().exp().cumsum(-1)
+        samples = torch.searchsorted(cdf, uniforms.to(cdf.device)).clamp_(max=vocab - 1)
+        return samples, log_z
     block = block or _draw_block(vocab, draws)
+    top = x.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = (x - top).exp_()  # (n, V) unnormalised probabilities, max 1
     full = vocab // block
     parts = []
     if full:  # a strided (n, full, block) view of the whole blocks: no copy
-        view = logits.as_strided((n, full, block), (logits.stride(0), block, logits.stride(1)))
-        parts.append(torch.logsumexp(view, dim=-1))
+        parts.append(e.as_strided((n, full, block), (e.stride(0), block, e.stride(1))).sum(-1))
     if vocab % block:
-        parts.append(torch.logsumexp(logits[:, full * block :], dim=-1, keepdim=True))
-    block_lse = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (n, nb)
-    log_z = torch.logsumexp(block_lse, dim=-1, keepdim=True)
-    block_cdf = (block_lse - log_z).double().exp().cumsum(-1)  # (n, nb)
+        parts.append(e[:, full * block :].sum(-1, keepdim=True))
+    sums = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).double()  # (n, nb)
+    total = sums.sum(-1, keepdim=True)  # (n, 1), >= 1
+    block_cdf = (sums / total).cumsum(-1)  # (n, nb)
     u = uniforms.to(block_cdf.device)
     chosen = torch.searchsorted(block_cdf, u).clamp_(max=block_cdf.shape[1] - 1)  # (n, N)
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), torch.zeros_like(u))
     cols = chosen[..., None] * block + torch.arange(block, device=logits.device)  # (n, N, block)
     inside = cols < vocab
-    values = logits.gather(1, cols.clamp(max=vocab - 1).reshape(n, -1)).reshape(n, draws, block)
-    probs = (values.double() - log_z.double()[..., None]).exp().masked_fill(~inside, 0.0)
-    within = probs.cumsum(-1)  # (n, N, block)
+    values = e.gather(1, cols.clamp(max=vocab - 1).reshape(n, -1)).reshape(n, draws, block)
+    within = (values.double() / total[..., None]).masked_fill(~inside, 0.0).cumsum(-1)  # (n, N, block)
     pick = torch.searchsorted(within, (u - before)[..., None]).squeeze(-1)
     last = inside.sum(-1) - 1  # rounding can leave the residual above the block's sum
-    return (chosen * block + torch.minimum(pick, last)).clamp_(max=vocab - 1)
+    samples = (chosen * block + torch.minimum(pick, last)).clamp_(max=vocab - 1)
+    return samples, (top.double() + total.log()).float()
 
 
 @dataclass
@@ -246,7 +256,13 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
         elif num_logits > 0:
             logits = runner.model.compute_logits(hidden_states[offset : offset + num_logits])
             logits = logits.float()
-            log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+            samples = None
+            if opt.draws:  # the sampler's passes also give log Z at T = 1
+                positions = torch.arange(start, start + num_logits)
+                u = draw_uniforms(opt.seed, rec.prompt_hash, positions, opt.draws)
+                samples, log_z = sample_draws(logits, u, opt.draw_temperature)
+            if samples is None or opt.draw_temperature != 1.0:
+                log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
             values, top = logits.topk(opt.k, dim=-1)
             targets = torch.as_tensor(rec.ids[start + 1 : start + 1 + num_logits], dtype=torch.int64)
             target_lp = logits.gather(-1, targets[:, None].to(logits.device))[:, 0] - log_z[:, 0]
@@ -254,10 +270,8 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
             rec.topk_ids[sl] = top.to(torch.int32).cpu().numpy()
             rec.topk_logprobs[sl] = (values - log_z).cpu().numpy()
             rec.target_logprobs[sl] = target_lp.cpu().numpy()
-            if opt.draws:
-                positions = torch.arange(start, start + num_logits)
-                u = draw_uniforms(opt.seed, rec.prompt_hash, positions, opt.draws)
-                samples = sample_draws(logits, u, opt.draw_temperature).cpu()
+            if samples is not None:
+                samples = samples.cpu()
                 rec.draws[start] = _unique_counts(samples)
         if opt.layers and rec.hidden_pos is not None:
             chunk_end = start + num_tokens

@@ -20,20 +20,21 @@ def test_two_level_sampler_equals_the_full_inverse_cdf(vocab, temperature):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(64, vocab, generator=gen) * 3
     u = torch.rand(64, 16, generator=gen, dtype=torch.float64)
-    got = sample_draws(logits, u, temperature)
+    got, log_z = sample_draws(logits, u, temperature)
+    torch.testing.assert_close(log_z, torch.logsumexp(logits / temperature, -1, keepdim=True))
     want = full_inverse_cdf(logits, u, temperature)
     assert got.shape == (64, 16) and got.dtype == torch.int64
     assert int(got.min()) >= 0 and int(got.max()) < vocab
     # Identical draws except where a uniform falls within float32 rounding of an id boundary.
     assert (got == want).double().mean() > 0.99
     # Block width does not change the result beyond the same rounding.
-    assert (sample_draws(logits, u, temperature, block=8) == want).double().mean() > 0.99
+    assert (sample_draws(logits, u, temperature, block=8)[0] == want).double().mean() > 0.99
 
 
 def test_empirical_frequencies_match_the_distribution():
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, 2.5] + [-30.0] * 40])  # 45 ids, most with ~0 mass
     uniforms = torch.rand(1, 200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    draws = sample_draws(logits, uniforms).numpy()[0]
+    draws = sample_draws(logits, uniforms)[0].numpy()[0]
     freq = np.bincount(draws, minlength=45) / draws.size
     p = torch.softmax(logits[0].double(), -1).numpy()
     np.testing.assert_allclose(freq, p, atol=4e-3)
