@@ -1,13 +1,19 @@
-"""``labelgen``: run, validate and inspect labeling jobs.
+"""``labelgen``: run, validate and inspect labeling jobs, locally or on a Ray cluster.
 
-labelgen validate SPEC [key=value ...]   check a job spec (no model, no GPU)
-labelgen run SPEC [key=value ...]        label the corpus on this machine (resumable)
-labelgen inspect URL                     summarise a label dataset
+labelgen validate SPEC [key=value ...]          check a job spec (no model, no GPU)
+labelgen run SPEC [key=value ...]               label the corpus on this machine (resumable)
+labelgen run-ray SPEC [key=value ...]           the job's driver on a Ray cluster (replicas = actors)
+labelgen submit SPEC [key=value ...] --address  send the job to a Ray cluster (Jobs API); prints JOB
+labelgen status JOB | logs JOB [--follow] | stop JOB   follow or stop a submitted job
+labelgen inspect URL                            summarise a label dataset
+
+Ray commands take ``--address http://HEAD:8265`` or the ``RAY_ADDRESS`` environment variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -26,10 +32,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output.url=/tmp/x")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("run-ray", help="run a labeling job on a Ray cluster (the driver; re-run to resume)")
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.replicas=4")
+    p.add_argument("--address", default=None, help="Ray cluster (default: the job's cluster or a local one)")
+    p = sub.add_parser("submit", help="submit a labeling job to a Ray cluster; prints the job id")
+    p.add_argument("spec", help="job spec YAML (paths in it are read on the cluster)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.replicas=4")
+    _address(p)
+    p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    verbs = (("status", "status and progress of a submitted job"), ("stop", "stop a submitted job"))
+    for verb, text in verbs:
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("job", help="job id printed by `labelgen submit`")
+        _address(p)
+    p = sub.add_parser("logs", help="driver log of a submitted job")
+    p.add_argument("job", help="job id printed by `labelgen submit`")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    _address(p)
     p = sub.add_parser("inspect", help="summarise a label dataset")
     p.add_argument("url", help="dataset URL (local path, s3://, gs://, ...)")
     p.add_argument("--sample-rows", type=int, default=2048, help="rows sampled for teacher statistics")
     return parser
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)",
+    )
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -39,6 +71,9 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"{args.spec}: OK (spec sha256 {spec.content_hash()[:16]}…)")
     print(f"  teacher {spec.teacher.model}, k={spec.labels.k}, seq_len={spec.packing.seq_len}")
     print(f"  {len(spec.corpus.sources)} corpus pattern(s) → {spec.output.url}")
+    gpus = spec.cluster.gpus_per_replica
+    gpus_text = f"{gpus:g}" if gpus is not None else f"auto ({spec.model_parallel_size()} on GPU clusters)"
+    print(f"  on Ray: {spec.cluster.replicas} replica(s) x {gpus_text} GPU(s)")
     return 0
 
 
@@ -57,6 +92,61 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ray(args: argparse.Namespace) -> int:
+    from labelgen.cluster import run_job_ray
+    from labelgen.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    # `labelgen stop` (and Kubernetes) send SIGTERM: exit through the finally blocks so the
+    # replicas are released and _progress.json says "failed" rather than "running".
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    manifest = run_job_ray(spec, address=args.address)
+    t = manifest.totals
+    print(
+        f"labeled {t['rows']} sequences / {t['tokens']} tokens into {t['shards']} shard(s) at "
+        f"{spec.output.url} with {spec.cluster.replicas} replica(s)",
+        flush=True,
+    )
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from labelgen.cluster import submit_job
+    from labelgen.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    job_id = submit_job(spec, address=args.address, submission_id=args.job_id)
+    print(job_id)
+    print(
+        f"submitted: {spec.cluster.replicas} replica(s) → {spec.output.url}; follow with "
+        f"`labelgen status {job_id}` or `labelgen logs {job_id} --follow`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from labelgen.cluster import format_status, job_status
+
+    print(format_status(job_status(args.job, address=args.address)))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from labelgen.cluster import job_logs
+
+    job_logs(args.job, address=args.address, follow=args.follow)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from labelgen.cluster import stop_job
+
+    stopped = stop_job(args.job, address=args.address)
+    print(f"job {args.job}: {'stop requested' if stopped else 'not running (nothing to stop)'}")
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from labelgen.inspect import format_report, inspect_dataset
 
@@ -68,19 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     from labelgen.contract.configs import ConfigError
     from labelgen.contract.format import FormatError
     from labelgen.corpus import CorpusError
+    from labelgen.object_store import CredentialError
     from labelgen.provenance import ModelPathError
 
     args = build_parser().parse_args(argv)
-    handler = {"validate": _validate, "run": _run, "inspect": _inspect}[args.command]
+    handler = {
+        "validate": _validate,
+        "run": _run,
+        "run-ray": _run_ray,
+        "submit": _submit,
+        "status": _status,
+        "logs": _logs,
+        "stop": _stop,
+        "inspect": _inspect,
+    }[args.command]
     try:
         return handler(args)
-    except (ConfigError, CorpusError, ModelPathError, FormatError) as exc:
+    except (ConfigError, CorpusError, ModelPathError, FormatError, CredentialError) as exc:
         print(f"labelgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
         from labelgen.runner import JobError
 
         if isinstance(exc, JobError):
+            print(f"labelgen {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, ImportError) and "pip install" in str(exc):
             print(f"labelgen {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -7,6 +7,7 @@ Example (``manifests/jobs/tiny-cpu.yaml`` is a complete one)::
     packing: {seq_len: 1024}
     labels: {k: 64}
     output: {url: s3://bucket/labels/run-1}
+    cluster: {replicas: 8}          # only for `labelgen run-ray` / `labelgen submit`
 
 Every field is documented right under it; ``labelgen validate SPEC`` checks a spec
 without loading a model.
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from labelgen.contract.configs import config_to_dict, load_config_file
+from labelgen.object_store import find_secrets, url_problem
 
 __all__ = [
     "TeacherSpec",
@@ -30,6 +32,7 @@ __all__ = [
     "LabelsSpec",
     "HiddenSpec",
     "OutputSpec",
+    "ClusterSpec",
     "JobSpec",
     "load_spec",
 ]
@@ -92,6 +95,9 @@ class CorpusSpec:
             yield "sources", "must list at least one URL or glob"
         if self.max_record_chars < 1:
             yield "max_record_chars", f"must be >= 1, got {self.max_record_chars}"
+        for i, url in enumerate(self.sources):
+            if problem := url_problem(url):
+                yield f"sources[{i}]", problem
 
 
 @dataclass(frozen=True)
@@ -129,10 +135,13 @@ class LabelsSpec:
     """Temperature of the distribution the draws come from."""
     seed: int = 0
     """Seed of the draws and of the hidden-state positions."""
-    codec: Literal["plain", "compact-v1"] = "plain"
-    """Top-k storage: 'plain' (int32 ids + float32 log-probs, exact) or 'compact-v1' (ids
-    sorted and gap-coded, log-probs quantised to 1/16 nat in uint8; decoded transparently
-    by the student reader). The target log-prob stays float32 in both."""
+    codec: Literal["plain", "compact-v1", "compact-v2"] = "plain"
+    """Top-k storage: 'plain' (int32 ids + float32 log-probs, exact), 'compact-v1' (ids
+    sorted and gap-coded, log-probs quantised to 1/16 nat in uint8) or 'compact-v2' (id
+    gaps as a zstd-coded head byte plus raw low bits, sqrt-probabilities quantised for a
+    mean KL of ~5e-4 nats per position, float16 log tail mass; 25-40% of plain's bytes
+    at k=64). Compact codecs are decoded transparently by the student reader
+    (docs/FORMAT.md). The target log-prob stays float32 in all three."""
 
     def check(self):
         if self.k < 1:
@@ -186,6 +195,54 @@ class OutputSpec:
             yield "row_group_mib", f"must be > 0, got {self.row_group_mib}"
         if not 1 <= self.compression_level <= 22:
             yield "compression_level", f"must be in 1..22, got {self.compression_level}"
+        if problem := url_problem(self.url):
+            yield "url", problem
+        elif self.url.startswith(("http://", "https://")):
+            yield "url", f"{self.url!r} is read-only over HTTP; write labels to a local path, s3:// or gs://"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How ``labelgen run-ray`` / ``labelgen submit`` spread the job over a Ray cluster.
+
+    Ignored by the local ``labelgen run``, and not part of the spec hash: the same job
+    may be resumed with more or fewer replicas, locally or on a cluster.
+    """
+
+    replicas: int = 1
+    """Data-parallel teacher replicas: Ray actors, each owning one vLLM engine and
+    labeling whole work units (sources) at a time."""
+    gpus_per_replica: float | None = None
+    """GPUs each replica reserves. None: teacher.engine_args tensor_parallel_size x
+    pipeline_parallel_size when the cluster has GPUs, 0 when it has none (CPU vLLM)."""
+    cpus_per_replica: float = 1.0
+    """CPUs each replica reserves (tokenization, packing, Parquet encoding)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources per replica, e.g. {"accelerator_type:H100": 0.001}."""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    """Environment of the replicas (e.g. VLLM_CPU_KVCACHE_SPACE, HF_HOME). Never
+    credentials: those come from the nodes' own environment or instance roles."""
+    max_unit_attempts: int = 3
+    """Tries per work unit when the replica running it dies (preemption, OOM, kill);
+    a retried unit resumes after its committed shards, so nothing is lost or doubled."""
+    progress_every_s: float = 30.0
+    """Seconds between progress lines in the driver log and rewrites of
+    <output.url>/_progress.json (read by `labelgen status`)."""
+
+    def check(self):
+        if self.replicas < 1:
+            yield "replicas", f"must be >= 1, got {self.replicas}"
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            yield "gpus_per_replica", f"must be >= 0 (or null for automatic), got {self.gpus_per_replica}"
+        if self.cpus_per_replica < 0:
+            yield "cpus_per_replica", f"must be >= 0, got {self.cpus_per_replica}"
+        for name, amount in self.resources.items():
+            if amount <= 0:
+                yield f"resources.{name}", f"must be > 0, got {amount}"
+        if self.max_unit_attempts < 1:
+            yield "max_unit_attempts", f"must be >= 1, got {self.max_unit_attempts}"
+        if self.progress_every_s <= 0:
+            yield "progress_every_s", f"must be > 0, got {self.progress_every_s}"
 
 
 @dataclass(frozen=True)
@@ -202,8 +259,46 @@ class JobSpec:
     """What is stored per position."""
     hidden: HiddenSpec = field(default_factory=HiddenSpec)
     """Hidden-state samples, written to their own shards (off by default)."""
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    """Ray execution (replicas, resources, retries); used by run-ray and submit only."""
+
+    def gpus_per_replica(self, cluster_has_gpus: bool) -> float:
+        """GPUs one replica reserves: cluster.gpus_per_replica, else TP x PP (0 without GPUs)."""
+        if self.cluster.gpus_per_replica is not None:
+            return self.cluster.gpus_per_replica
+        return float(self.model_parallel_size()) if cluster_has_gpus else 0.0
+
+    def model_parallel_size(self) -> int:
+        """GPUs one teacher engine spans: tensor_parallel_size x pipeline_parallel_size."""
+        args = self.teacher.engine_args
+        size = 1
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = args.get(key, 1)
+            size *= value if isinstance(value, int) and value >= 1 else 1
+        return size
 
     def check(self):
+        for where in find_secrets(self.to_dict()):
+            if where == "output.url" or where.startswith("corpus.sources["):
+                continue  # reported by OutputSpec / CorpusSpec with the URL-specific fix
+            yield (
+                where,
+                "looks like a credential; specs are saved next to the labels and shared, so credentials "
+                "come from the environment (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS)",
+            )
+        args = self.teacher.engine_args
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if key in args and (not isinstance(args[key], int) or args[key] < 1):
+                yield f"teacher.engine_args.{key}", f"must be an integer >= 1, got {args[key]!r}"
+        gpus = self.cluster.gpus_per_replica
+        if gpus:
+            parallel = self.model_parallel_size()
+            if gpus < parallel:
+                yield (
+                    "cluster.gpus_per_replica",
+                    f"({gpus}) is fewer than the teacher's tensor_parallel_size x pipeline_parallel_size "
+                    f"({parallel}); set it to {parallel} or leave it null",
+                )
         limit = self.teacher.max_model_len
         if limit is not None and self.packing.seq_len >= limit:
             yield (
@@ -227,9 +322,10 @@ class JobSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def content_hash(self) -> str:
-        """sha256 of what determines the labels (everything but output.overwrite)."""
+        """sha256 of what determines the labels (everything but output.overwrite and cluster)."""
         data = self.to_dict()
         data["output"] = {k: v for k, v in data["output"].items() if k != "overwrite"}
+        data.pop("cluster", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -4,8 +4,9 @@ Rows are buffered and written a row group at a time into a local temporary file.
 When the file reaches the target size (checked only at batch boundaries, so a
 resumed job forms the same batches) the shard is committed: on a local filesystem
 by renaming the temporary file into place, on an object store by one PUT of the
-finished file. Only then is its commit record ``_commits/<shard>.json`` written, so
-a shard without a record is never trusted and is simply rewritten on resume.
+finished file to its final key (retried with backoff by :mod:`labelgen.object_store`).
+Only then is its commit record ``_commits/<shard>.json`` written, so a shard without
+a record is never trusted and is simply rewritten on resume.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from labelgen.contract.format import (
     Columns,
     ShardRecord,
     encode_topk,
+    encode_topk_columns,
     hidden_schema,
     join_url,
     label_schema,
     shard_name,
     token_hash,
 )
+from labelgen.object_store import is_local, put_bytes, put_file
 from labelgen.packing import Sequence
 from labelgen.teacher import SequenceLabels
 
@@ -73,7 +76,7 @@ def write_json_atomic(fs: Any, path: str, data: Any) -> None:
 
 def write_text_atomic(fs: Any, path: str, text: str) -> None:
     """Write text so that readers see either nothing or the whole file."""
-    if _is_local(fs):
+    if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
@@ -82,11 +85,7 @@ def write_text_atomic(fs: Any, path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, text.encode())  # a single PUT is atomic on object stores
-
-
-def _is_local(fs: Any) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        put_bytes(fs, path, text.encode())  # a single PUT is atomic on object stores; retried
 
 
 def hidden_bytes(values: np.ndarray, dtype: str) -> bytes:
@@ -215,6 +214,13 @@ class ShardWriter:
                 Columns.TOPK_IDS: lists([lab.topk_ids for lab in labs], pa.int32()),
                 Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
             }
+        if self.codec == "compact-v2":  # one vectorised pass over the whole row group
+            return encode_topk_columns(
+                self.codec,
+                np.concatenate([lab.topk_ids.reshape(-1, self.k) for lab in labs]),
+                np.concatenate([lab.topk_logprobs.reshape(-1, self.k) for lab in labs]),
+                np.array([len(lab.target_logprobs) for lab in labs], np.int64),
+            )
         encoded = [encode_topk(lab.topk_ids, lab.topk_logprobs) for lab in labs]
         return {
             Columns.TOPK_ID_DELTAS: lists([e[0] for e in encoded], pa.int32()),
@@ -282,8 +288,8 @@ class ShardWriter:
         self._buffered_bytes = 0
 
     def _publish(self, local_path: str, dest: str) -> None:
-        """Move a finished local file to ``dest`` atomically (rename, or one PUT)."""
-        if _is_local(self.fs):
+        """Move a finished local file to ``dest`` atomically (rename, or one retried PUT)."""
+        if is_local(self.fs):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             tmp_dest = f"{dest}.tmp-{os.getpid()}"
             with open(local_path, "rb") as src, open(tmp_dest, "wb") as dst:
@@ -293,7 +299,7 @@ class ShardWriter:
                 os.fsync(dst.fileno())
             os.replace(tmp_dest, dest)
         else:
-            self.fs.put_file(local_path, dest)
+            put_file(self.fs, local_path, dest)
         os.remove(local_path)
 
     def _commit(self) -> None:

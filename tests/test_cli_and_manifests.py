@@ -1,7 +1,13 @@
-"""CLI surfaces (pinned --help), every shipped manifest validated, README commands present."""
+"""CLI surfaces (pinned --help), every shipped manifest validated, README commands present.
+
+Cluster manifests (KubeRay ``RayJob``, Kubernetes ``Job``) are checked for the fields
+their kind requires, and every job spec or student config they carry in a ConfigMap
+is validated like a file under manifests/jobs or manifests/students.
+"""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,8 +27,8 @@ def help_text(parser) -> str:
 
 def test_labelgen_help_lists_the_verbs():
     text = help_text(labelgen_cli.build_parser())
-    for verb in ("validate", "run", "inspect"):
-        assert verb in text
+    for verb in ("validate", "run", "run-ray", "submit", "status", "logs", "stop", "inspect"):
+        assert f"    {verb} " in text, verb
     with pytest.raises(SystemExit) as info:
         labelgen_cli.main(["--help"])
     assert info.value.code == 0
@@ -50,11 +56,129 @@ def test_student_manifests_validate(path):
     assert cfg.data.url
 
 
+CLUSTER_MANIFESTS = sorted((REPO / "manifests" / "kuberay").glob("*.yaml")) + sorted(
+    (REPO / "manifests" / "k8s").glob("*.yaml")
+)
+
+
+def _containers(pod_template: dict, where: str) -> list[dict]:
+    containers = pod_template.get("spec", {}).get("containers") or []
+    assert containers, f"{where}: template.spec.containers is required"
+    for c in containers:
+        assert c.get("name") and c.get("image"), f"{where}: every container needs name and image"
+    return containers
+
+
+def _gpus(container: dict) -> int:
+    return int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+
+
+def _mounted_files(pod_template: dict, configmaps: dict[str, dict]) -> dict[str, str]:
+    """Absolute paths of ConfigMap keys mounted into the pod → their text."""
+    volumes = {v["name"]: v for v in pod_template["spec"].get("volumes", [])}
+    files = {}
+    for c in pod_template["spec"]["containers"]:
+        for mount in c.get("volumeMounts", []):
+            volume = volumes.get(mount["name"])
+            assert volume is not None, f"volumeMount {mount['name']!r} has no volume"
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                assert name in configmaps, f"ConfigMap {name!r} is not defined in the same file"
+                for key, text in configmaps[name]["data"].items():
+                    files[f"{mount['mountPath'].rstrip('/')}/{key}"] = text
+    return files
+
+
+def _check_embedded(text: str, tmp_path: Path, name: str) -> str:
+    """Validate an embedded job spec or student config; returns its kind."""
+    data = yaml.safe_load(text)
+    path = tmp_path / name
+    path.write_text(text)
+    if "teacher" in data:
+        load_spec(str(path))
+        assert labelgen_cli.main(["validate", str(path)]) == 0
+        return "job"
+    load_train_config(str(path))
+    assert students_cli.main(["validate", str(path)]) == 0
+    return "student"
+
+
+@pytest.mark.parametrize("path", CLUSTER_MANIFESTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_cluster_manifests_validate(path, tmp_path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), path
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    embedded = {}
+    for cm in configmaps.values():
+        assert cm["apiVersion"] == "v1" and cm.get("data"), f"{path}: ConfigMap needs data"
+        for key, text in cm["data"].items():
+            embedded[key] = _check_embedded(text, tmp_path, key)
+    if path.parent.name == "kuberay":
+        assert "RayJob" in kinds, f"{path}: a KubeRay manifest runs a RayJob"
+    else:
+        assert "Job" in kinds, f"{path}: a Kubernetes manifest here runs a batch Job"
+    for doc in docs:
+        if doc["kind"] == "RayJob":
+            assert doc["apiVersion"] == "ray.io/v1"
+            spec = doc["spec"]
+            argv = shlex.split(spec["entrypoint"])
+            assert argv[:2] == ["labelgen", "run-ray"], "the RayJob runs the labeling driver"
+            cluster = spec["rayClusterSpec"]
+            head = cluster["headGroupSpec"]["template"]
+            _containers(head, f"{path} head")
+            files = _mounted_files(head, configmaps)
+            assert argv[2] in files, f"{path}: entrypoint spec {argv[2]} is not mounted from a ConfigMap"
+            job = load_spec(str(tmp_path / Path(argv[2]).name))
+            workers = cluster["workerGroupSpecs"]
+            assert workers, f"{path}: needs GPU worker groups"
+            total_gpus = 0
+            for group in workers:
+                assert group.get("groupName") and group.get("replicas", 0) >= 1
+                gpus = max(_gpus(c) for c in _containers(group["template"], f"{path} {group['groupName']}"))
+                assert gpus >= 1, f"{path}: worker group {group['groupName']} has no GPUs"
+                total_gpus += gpus * group["replicas"]
+            per_replica = job.gpus_per_replica(cluster_has_gpus=True)
+            assert per_replica >= job.model_parallel_size()
+            assert job.cluster.replicas * per_replica <= total_gpus, (
+                f"{path}: {job.cluster.replicas} replicas x {per_replica} GPUs exceed {total_gpus} GPUs"
+            )
+        elif doc["kind"] == "Job":
+            assert doc["apiVersion"] == "batch/v1"
+            template = doc["spec"]["template"]
+            assert template["spec"].get("restartPolicy") in {"Never", "OnFailure"}
+            (container,) = _containers(template, str(path))
+            assert _gpus(container) >= 1, f"{path}: the student trains on a GPU node"
+            argv = container.get("command", []) + container.get("args", [])
+            assert argv[:2] == ["students", "train"], "the Job runs the student trainer"
+            files = _mounted_files(template, configmaps)
+            assert argv[2] in files, f"{path}: {argv[2]} is not mounted from a ConfigMap"
+            assert embedded[Path(argv[2]).name] == "student"
+            cfg = load_train_config(str(tmp_path / Path(argv[2]).name))
+            assert (cfg.data.url or "").startswith("s3://"), "the student reads the labels' shard URL"
+        else:
+            assert doc["kind"] == "ConfigMap", f"{path}: unexpected kind {doc['kind']}"
+
+
+def test_example_job_specs_cover_8b_and_70b_on_s3():
+    specs = {p.name: load_spec(str(p)) for p in (REPO / "manifests" / "jobs").glob("*.yaml")}
+    parallel = sorted(s.model_parallel_size() for s in specs.values())
+    assert 1 in parallel and 8 in parallel, "an 8B (TP 1) and a 70B (TP 8) teacher are shipped"
+    assert any(s.output.url.startswith("s3://") and s.model_parallel_size() == 8 for s in specs.values())
+
+
 def test_every_manifest_is_covered():
-    covered = {"jobs", "students"}
-    for path in (REPO / "manifests").rglob("*.yaml"):
+    covered = {"jobs", "students", "kuberay", "k8s"}
+    validated = set(CLUSTER_MANIFESTS)
+    for path in (REPO / "manifests").rglob("*"):
+        if path.is_dir():
+            continue
+        assert path.suffix == ".yaml", f"{path}: manifests are .yaml files"
         assert path.parent.name in covered, f"{path} is not validated by any test"
-        yaml.safe_load(path.read_text())
+        if path.parent.name in {"kuberay", "k8s"}:
+            assert path in validated, f"{path} is not validated by test_cluster_manifests_validate"
+        list(yaml.safe_load_all(path.read_text()))
 
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_command():
@@ -63,3 +187,40 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_command():
     test_command = "bash scripts/test.sh"
     assert test_command in readme
     assert test_command in (REPO / ".ci" / "run").read_text()
+
+
+def test_cluster_section_is_validated_and_not_part_of_the_spec_hash(tmp_path):
+    from labelgen.contract.configs import ConfigError, load_config
+    from labelgen.spec import JobSpec
+
+    base = {
+        "teacher": {"model": "/m", "engine_args": {"tensor_parallel_size": 8}},
+        "corpus": {"sources": ["s3://b/c/*.jsonl"]},
+        "output": {"url": "s3://b/labels"},
+    }
+    spec = load_config(JobSpec, base)
+    assert spec.gpus_per_replica(cluster_has_gpus=True) == 8 and spec.gpus_per_replica(False) == 0
+    resized = load_config(JobSpec, {**base, "cluster": {"replicas": 16, "gpus_per_replica": 8}})
+    assert resized.content_hash() == spec.content_hash(), "resuming with more replicas must be allowed"
+    bad = {**base, "cluster": {"replicas": 0, "gpus_per_replica": 4, "max_unit_attempts": 0}}
+    with pytest.raises(ConfigError) as info:
+        load_config(JobSpec, bad)
+    text = str(info.value)
+    assert "cluster.replicas must be >= 1, got 0" in text
+    assert "cluster.gpus_per_replica (4.0) is fewer than" in text and "set it to 8" in text
+    assert "cluster.max_unit_attempts must be >= 1" in text
+    secret = {**base, "cluster": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "abc"}}}
+    with pytest.raises(ConfigError, match="cluster.env_vars.AWS_SECRET_ACCESS_KEY looks like a credential"):
+        load_config(JobSpec, secret)
+
+
+def test_ray_commands_without_ray_give_the_install_line(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    from labelgen.cluster import import_ray
+
+    with pytest.raises(ImportError, match=r"pip install 'labelgen\[ray\]'"):
+        import_ray()
+    assert labelgen_cli.main(["status", "raysubmit_x", "--address", "http://127.0.0.1:1"]) == 2
+    assert "pip install 'labelgen[ray]'" in capsys.readouterr().err

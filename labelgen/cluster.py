@@ -1,0 +1,364 @@
+"""The Ray executor and the Ray Jobs client: the only module that imports ray.
+
+``labelgen run-ray SPEC`` is the job's driver. It plans the job like the local
+runner (:func:`labelgen.runner.plan_job`), starts ``cluster.replicas`` teacher
+replicas (Ray actors, each owning one vLLM engine on ``gpus_per_replica`` GPUs) and
+hands each idle replica the next pending work unit. A replica runs the same
+:func:`labelgen.runner.run_unit` as the local runner, after reading the unit's commit
+records itself, so a unit retried after its replica died resumes after its committed
+shards: nothing is lost and nothing is written twice. When a replica dies the driver
+logs it, starts a replacement and puts the unit back at the head of the queue, at
+most ``cluster.max_unit_attempts`` times per unit. The manifest is written last, by
+the driver, with :func:`labelgen.runner.finish_job`; a killed driver is resumed by
+submitting the job again.
+
+``labelgen submit|status|logs|stop`` wrap Ray's Jobs API
+(:class:`ray.job_submission.JobSubmissionClient`): ``submit`` validates the spec
+here, uploads the resolved spec as the job's working directory and runs
+``labelgen run-ray job-spec.yaml`` on the cluster; ``status`` adds the driver's
+``<output>/_progress.json`` to Ray's job status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+
+from labelgen.contract.format import MANIFEST_NAME, Manifest, UnitRecord, join_url
+from labelgen.corpus import Source
+from labelgen.provenance import load_tokenizer
+from labelgen.runner import (
+    PROGRESS_NAME,
+    JobError,
+    JobProgress,
+    UnitProgress,
+    finish_job,
+    format_progress,
+    plan_job,
+    record_teacher,
+    run_unit,
+    unit_commits,
+)
+from labelgen.spec import JobSpec
+from labelgen.teacher import Teacher, load_teacher
+
+__all__ = [
+    "import_ray",
+    "replica_name",
+    "run_job_ray",
+    "submit_job",
+    "job_status",
+    "job_logs",
+    "stop_job",
+    "SPEC_FILE",
+]
+
+SPEC_FILE = "job-spec.yaml"
+"""Name of the resolved spec in the working directory that `labelgen submit` uploads."""
+
+
+def import_ray() -> Any:
+    """Import ray, or raise ImportError with the install line."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            f"running labeling jobs on a Ray cluster needs Ray: `pip install 'labelgen[ray]'` ({exc})"
+        ) from exc
+    return ray
+
+
+def replica_name(spec: JobSpec, slot: int, generation: int = 0) -> str:
+    """Ray actor name of a replica (unique per job spec, slot and restart)."""
+    suffix = f"-r{generation}" if generation else ""
+    return f"labelgen-{spec.content_hash()[:8]}-replica-{slot}{suffix}"
+
+
+class _Replica:
+    """One teacher replica: a vLLM engine plus the tokenizer; labels whole units."""
+
+    def __init__(self, spec: JobSpec, teacher_factory: Callable[[JobSpec], Teacher]):
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.teacher)
+        self.teacher = teacher_factory(spec)
+        self.progress = UnitProgress()
+
+    def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "provenance": self.teacher.provenance()}
+
+    def run(self, unit: int, source: Source) -> tuple[UnitRecord, int]:
+        """Label one unit after its committed shards; returns its record and the tokens labeled now."""
+        fs, root = fsspec.core.url_to_fs(self.spec.output.url)
+        committed = unit_commits(fs, root, unit)
+        record = run_unit(self.spec, unit, source, self.tokenizer, self.teacher, committed, self.progress)
+        return record, self.progress.tokens
+
+    def snapshot(self) -> dict[str, int]:
+        return self.progress.snapshot()
+
+    def close(self) -> None:
+        self.teacher.close()
+
+
+class _Pool:
+    """The driver's replicas: start, replace and stop Ray actors."""
+
+    def __init__(self, ray: Any, spec: JobSpec, teacher_factory: Callable[[JobSpec], Teacher], log):
+        self.ray, self.spec, self.log = ray, spec, log
+        cluster = spec.cluster
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.gpus = spec.gpus_per_replica(has_gpus)
+        env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"), **cluster.env_vars}
+        self.actor_class = ray.remote(_Replica)
+        self.options = dict(
+            num_cpus=cluster.cpus_per_replica,
+            num_gpus=self.gpus,
+            resources=dict(cluster.resources) or None,
+            max_concurrency=2,  # run() in one thread, snapshot() polled from another
+            max_restarts=0,  # the driver replaces dead replicas itself and re-queues their unit
+            runtime_env={"env_vars": env},
+        )
+        self.teacher_factory = teacher_factory
+        self.generation: dict[int, int] = {}
+        self.actors: dict[int, Any] = {}
+
+    def start(self, slot: int) -> Any:
+        generation = self.generation.get(slot, -1) + 1
+        self.generation[slot] = generation
+        name = replica_name(self.spec, slot, generation)
+        actor_class = self.actor_class.options(name=name, **self.options)
+        self.actors[slot] = actor_class.remote(self.spec, self.teacher_factory)
+        self.log(f"replica {slot}: starting actor {name} ({self.gpus:g} GPU(s))")
+        return self.actors[slot]
+
+    def stop(self) -> None:
+        for actor in self.actors.values():
+            self.ray.kill(actor, no_restart=True)
+        self.actors.clear()
+
+
+def run_job_ray(
+    spec: JobSpec,
+    address: str | None = None,
+    teacher_factory: Callable[[JobSpec], Teacher] = load_teacher,
+    log: Callable[[str], None] = lambda msg: print(msg, flush=True),
+) -> Manifest:
+    """Run (or finish) a labeling job on a Ray cluster; returns the manifest.
+
+    Connects to ``address`` (or the cluster of the Ray job this runs in, or starts a
+    local one) unless Ray is already initialised here.
+    """
+    ray = import_ray()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+    plan = plan_job(spec, log)
+    if plan.done is not None:
+        log(f"{spec.output.url} is already complete ({plan.done.totals['rows']} sequences); nothing to do")
+        return plan.done
+    pending = deque(unit for unit, _ in plan.pending)
+    if not pending:
+        return finish_job(plan)
+    sources = dict(plan.pending)
+    replicas = min(spec.cluster.replicas, len(pending))
+    job = JobProgress(plan.sources, dict(plan.units), replicas=replicas, executor="ray")
+    pool = _Pool(ray, spec, teacher_factory, log)
+    attempts: dict[int, int] = {}
+    running: dict[Any, tuple[int, int]] = {}  # result ref -> (slot, unit)
+    idle: deque[int] = deque()
+    state = "failed"
+    try:
+        for slot in range(replicas):
+            pool.start(slot)
+        try:
+            first = ray.get(pool.actors[0].ready.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise JobError(
+                f"replica 0 could not start the teacher {spec.teacher.model!r} ({exc}); check the model "
+                "path on the cluster nodes, the GPU memory (teacher.engine_args.gpu_memory_utilization) "
+                "and the replica's log in the Ray dashboard"
+            ) from exc
+        record_teacher(plan, first["provenance"])
+        job.start = time.monotonic()  # rates count labeling time, not the first engine's start-up
+        idle.extend(range(replicas))
+        next_report = time.monotonic() + spec.cluster.progress_every_s
+        while pending or running:
+            while idle and pending:
+                slot, unit = idle.popleft(), pending.popleft()
+                attempts[unit] = attempts.get(unit, 0) + 1
+                ref = pool.actors[slot].run.remote(unit, sources[unit])
+                running[ref] = (slot, unit)
+                log(f"unit {unit} ({sources[unit].name}) → replica {slot}, attempt {attempts[unit]}")
+            timeout = max(0.0, next_report - time.monotonic())
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+            for ref in ready:
+                slot, unit = running.pop(ref)
+                try:
+                    record, tokens = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    job.drop_unit(unit)
+                    log(f"replica {slot} died while labeling unit {unit}: {type(exc).__name__}")
+                    if attempts[unit] >= spec.cluster.max_unit_attempts:
+                        raise JobError(
+                            f"unit {unit} ({sources[unit].url}) failed {attempts[unit]} times "
+                            f"(cluster.max_unit_attempts={spec.cluster.max_unit_attempts}); its committed "
+                            "shards are kept: fix the cause (see the replica logs) and submit the job again"
+                        ) from exc
+                    pending.appendleft(unit)
+                    pool.start(slot)
+                    idle.append(slot)
+                    continue
+                job.finish_unit(record, tokens)
+                log(f"unit {unit} done: {record.sequences} sequences, {record.shards} shard(s)")
+                idle.append(slot)
+            if time.monotonic() >= next_report:
+                _poll(ray, pool, running, job)
+                log(format_progress(job.write(plan.fs, plan.root)))
+                next_report = time.monotonic() + spec.cluster.progress_every_s
+        manifest = finish_job(plan)
+        state = "done"
+        return manifest
+    finally:
+        pool.stop()
+        log(format_progress(job.write(plan.fs, plan.root, state)))
+
+
+def _poll(ray: Any, pool: _Pool, running: dict[Any, tuple[int, int]], job: JobProgress) -> None:
+    """Ask busy replicas for their unit's counters (a dead one simply does not answer)."""
+    refs = {pool.actors[slot].snapshot.remote(): unit for slot, unit in running.values()}
+    if not refs:
+        return
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=5.0)
+    for ref in ready:
+        try:
+            snap = ray.get(ref)
+        except ray.exceptions.RayError:
+            continue
+        if snap["unit"] == refs[ref]:
+            job.update_unit(snap)
+
+
+# -- Ray Jobs API ------------------------------------------------------------------------
+
+
+def _client(address: str | None) -> Any:
+    import_ray()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as exc:
+        raise JobError(
+            f"cannot reach the Ray cluster's job server at {address or os.environ.get('RAY_ADDRESS')!r}: "
+            f"{exc}; pass --address http://HEAD:8265 or set RAY_ADDRESS"
+        ) from exc
+
+
+def submit_job(
+    spec: JobSpec,
+    address: str | None = None,
+    submission_id: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> str:
+    """Submit ``spec`` to the cluster as a Ray job running ``labelgen run-ray``; returns the job id.
+
+    The spec is resolved (overrides applied) and validated here; the cluster sees the
+    resolved YAML as ``job-spec.yaml`` in the job's working directory. Paths in the spec
+    are read on the cluster: use URLs (s3://, gs://) or paths that exist there.
+    """
+    client = _client(address)
+    with tempfile.TemporaryDirectory(prefix="labelgen-submit-") as tmp:
+        with open(os.path.join(tmp, SPEC_FILE), "w") as f:
+            f.write(spec.to_yaml())
+        env = dict(runtime_env or {})
+        env["working_dir"] = tmp
+        return client.submit_job(
+            entrypoint=f"labelgen run-ray {SPEC_FILE}",
+            runtime_env=env,
+            submission_id=submission_id,
+            metadata={
+                "labelgen.output_url": spec.output.url,
+                "labelgen.spec_sha256": spec.content_hash(),
+                "labelgen.replicas": str(spec.cluster.replicas),
+            },
+        )
+
+
+def _ask(job_id: str, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except RuntimeError as exc:  # the Jobs API answers unknown ids with RuntimeError("... 404 ...")
+        raise JobError(
+            f"job {job_id!r}: {exc}; list the cluster's jobs with `ray job list --address ...`"
+        ) from exc
+
+
+def job_status(job_id: str, address: str | None = None) -> dict[str, Any]:
+    """Ray's status of a job plus the driver's progress snapshot and completion, when readable."""
+    client = _client(address)
+    info = _ask(job_id, lambda: client.get_job_info(job_id))
+    status: dict[str, Any] = {
+        "job_id": job_id,
+        "status": str(getattr(info.status, "value", info.status)),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "output_url": (info.metadata or {}).get("labelgen.output_url"),
+    }
+    url = status["output_url"]
+    if url:
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+            fs.invalidate_cache()
+            progress_path = join_url(root, PROGRESS_NAME)
+            if fs.exists(progress_path):
+                status["progress"] = json.loads(fs.cat_file(progress_path))
+            status["complete"] = fs.exists(join_url(root, MANIFEST_NAME))
+        except Exception as exc:  # noqa: BLE001 - progress is best effort; Ray's status still shows
+            status["progress_error"] = f"{type(exc).__name__}: {exc}"
+    return status
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [f"job {status['job_id']}: {status['status']}  ({status['entrypoint']})"]
+    if status.get("message"):
+        lines.append(f"  ray: {status['message']}")
+    if status.get("output_url"):
+        done = " (complete: manifest written)" if status.get("complete") else ""
+        lines.append(f"  output: {status['output_url']}{done}")
+    if "progress" in status:
+        lines.append(f"  {format_progress(status['progress'])}  [updated {status['progress']['updated_at']}]")
+    elif "progress_error" in status:
+        lines.append(f"  progress unreadable from here: {status['progress_error']}")
+    return "\n".join(lines)
+
+
+def job_logs(job_id: str, address: str | None = None, follow: bool = False, out: Any = sys.stdout) -> None:
+    """Print a job's driver log; with ``follow``, keep printing until the job ends."""
+    client = _client(address)
+    if not follow:
+        out.write(_ask(job_id, lambda: client.get_job_logs(job_id)))
+        out.flush()
+        return
+
+    _ask(job_id, lambda: client.get_job_info(job_id))
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())
+
+
+def stop_job(job_id: str, address: str | None = None) -> bool:
+    """Ask Ray to stop a job (its driver gets SIGTERM; its replicas go with it)."""
+    client = _client(address)
+    return bool(_ask(job_id, lambda: client.stop_job(job_id)))

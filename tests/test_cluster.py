@@ -1,0 +1,240 @@
+"""Labeling on a local Ray cluster with real vLLM replicas, and the Ray Jobs CLI.
+
+One module-scoped local cluster (2 CPUs, dashboard on 127.0.0.1 for the Jobs API)
+serves both tests; a moto S3 server on loopback holds the corpus and the labels of
+the first. Both compare their dataset row for row with ``labelgen run`` (the local
+runner, real vLLM) on the same spec:
+
+- the Ray executor with 2 replicas, one of them killed after its unit's first
+  commit: the unit is retried on a new replica, no row lost or doubled;
+- ``labelgen submit`` / ``status`` / ``logs`` / ``stop``: the driver is stopped after
+  a commit and the job resubmitted; it resumes from the committed shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import s3_server
+from s3_server import upload_dir
+
+from conftest import make_spec, write_spec
+from labelgen.contract.configs import load_config
+from labelgen.contract.format import COMMITS_DIR, MANIFEST_NAME, read_manifest
+from labelgen.runner import PROGRESS_NAME
+from labelgen.spec import JobSpec
+
+pytestmark = pytest.mark.integration
+ray = pytest.importorskip("ray", reason="needs `pip install 'labelgen[ray]'`")
+
+s3_endpoint = s3_server.s3_endpoint  # fixtures
+bucket = s3_server.bucket
+UNITS = 4
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, "-m", "labelgen.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"labelgen {' '.join(args)} failed:\n{out.stdout}\n{out.stderr[-4000:]}")
+    return out
+
+
+def rows(url: str) -> list[dict]:
+    m = read_manifest(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    out: list[dict] = []
+    for shard in m.shards:
+        with fs.open(f"{root}/{shard.path}", "rb") as f:
+            out.extend(pq.read_table(f).to_pylist())
+    return out
+
+
+def spec_dict(teacher_dir, corpus: str, out: str, **cluster) -> dict:
+    raw = make_spec(
+        teacher_dir,
+        "unused",
+        out,
+        output={"shard_mib": 0.5, "row_group_mib": 0.1},
+        cluster={"progress_every_s": 1.0, **cluster},
+    )
+    raw["corpus"]["sources"] = [corpus]
+    return raw
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, texts) -> Path:
+    """Four jsonl sources (four work units, ~90k tokens each), one with bad records.
+
+    Big enough that a job is still running seconds after its first commit, when the
+    tests kill a replica or stop the driver.
+    """
+    from labelgen.tiny import write_jsonl_corpus
+
+    out = tmp_path_factory.mktemp("small-corpus")
+    per = len(texts) // UNITS
+    for unit in range(UNITS):
+        chunk = texts[unit * per : (unit + 1) * per] * 3
+        write_jsonl_corpus(out / f"u{unit}.jsonl", chunk, chat_every=5, seed=unit)
+    with (out / "u3.jsonl").open("ab") as f:
+        f.write(b'{"text": broken\n{"text": ""}\n')
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_dir, small_corpus, tmp_path_factory) -> str:
+    """The small corpus labeled by the local runner (`labelgen run`, real vLLM)."""
+    work = tmp_path_factory.mktemp("reference")
+    out = str(work / "labels")
+    spec = write_spec(work / "job.yaml", spec_dict(teacher_dir, f"{small_corpus}/*.jsonl", out))
+    cli("run", str(spec), "--no-progress")
+    m = read_manifest(out)
+    assert len(m.units) == UNITS and len(m.shards) >= 2 * UNITS, "each unit must span several shards"
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """A local Ray cluster with the Jobs API on 127.0.0.1; job drivers find `labelgen` on PATH."""
+    saved_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved_path}"
+    port = s3_server._free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    address = f"http://127.0.0.1:{port}"
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        os.environ["PATH"] = saved_path
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_ray_replicas_match_the_local_runner_and_survive_a_killed_replica(
+    ray_cluster, teacher_dir, small_corpus, reference, bucket
+):
+    from labelgen.cluster import replica_name, run_job_ray
+
+    upload_dir(small_corpus, f"{bucket}/corpus")
+    out = f"{bucket}/labels"
+    spec = load_config(JobSpec, spec_dict(teacher_dir, f"{bucket}/corpus/*.jsonl", out, replicas=2))
+    fs, root = fsspec.core.url_to_fs(out)
+    first_commit = f"{root}/{COMMITS_DIR}/part-00000-00000.json"
+    unit_done = f"{root}/{COMMITS_DIR}/unit-00000.json"
+    killed: dict[str, bool] = {}
+
+    def kill_replica_0_mid_unit() -> None:
+        def committed() -> bool:
+            fs.invalidate_cache()
+            return fs.exists(first_commit)
+
+        try:
+            _wait_for(committed, 400, "unit 0's first commit")
+        except AssertionError:
+            return
+        killed["mid_unit"] = not fs.exists(unit_done)
+        ray.kill(ray.get_actor(replica_name(spec, 0)), no_restart=True)
+        killed["done"] = True
+
+    killer = threading.Thread(target=kill_replica_0_mid_unit, daemon=True)
+    killer.start()
+    logs: list[str] = []
+    manifest = run_job_ray(spec, log=logs.append)
+    killer.join(timeout=5)
+    text = "\n".join(logs)
+    assert killed == {"mid_unit": True, "done": True}, f"replica 0 was not killed mid-unit:\n{text}"
+    assert "replica 0 died while labeling unit 0" in text and "unit 0 (u0.jsonl) → replica" in text
+    assert "attempt 2" in text
+    progress = json.loads(fs.cat_file(f"{root}/{PROGRESS_NAME}"))
+    assert progress["state"] == "done" and progress["retries"] == 1
+    assert progress["units_done"] == UNITS and progress["rejected"] == 2
+    ref = read_manifest(reference)
+    a, b = rows(reference), rows(out)
+    assert len(a) == len(b) and len({r["sample_id"] for r in b}) == len(b), "rows lost or doubled"
+    assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x == y, f"row {x['sample_id']} differs between the local and the Ray run"
+    assert [(s.path, s.rows) for s in manifest.shards] == [(s.path, s.rows) for s in ref.shards]
+    assert manifest.rejected == ref.rejected and manifest.teacher["engine"] == "vllm"
+
+
+def test_submit_status_logs_stop_and_resubmit_resumes(
+    ray_cluster, teacher_dir, small_corpus, reference, tmp_path
+):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address = ray_cluster
+    client = JobSubmissionClient(address)
+    out = tmp_path / "labels"
+    spec = write_spec(
+        tmp_path / "job.yaml", spec_dict(teacher_dir, f"{small_corpus}/*.jsonl", str(out), replicas=1)
+    )
+    job = cli("submit", str(spec), "--address", address).stdout.strip().splitlines()[-1]
+    commits = out / COMMITS_DIR
+    _wait_for(lambda: list(commits.glob("part-*.json")), 400, "the first committed shard", poll=0.1)
+
+    def running_status() -> str:
+        text = cli("status", job, "--address", address).stdout
+        return text if "progress [running]" in text else ""
+
+    status = _wait_for(running_status, 60, "a progress line in `labelgen status`", poll=0.5)
+    assert f"job {job}: RUNNING" in status and f"output: {out}" in status
+    assert "stop requested" in cli("stop", job, "--address", address).stdout
+    _wait_for(lambda: client.get_job_status(job) == JobStatus.STOPPED, 60, "the job to stop", poll=0.5)
+    assert not (out / MANIFEST_NAME).exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in commits.glob("part-*.json")}
+    assert kept, "the stopped job committed shards"
+
+    again = cli("submit", str(spec), "--address", address).stdout.strip().splitlines()[-1]
+    _wait_for(
+        lambda: client.get_job_status(again) in {JobStatus.SUCCEEDED, JobStatus.FAILED},
+        400,
+        "the resubmitted job",
+        poll=0.5,
+    )
+    logs = cli("logs", again, "--address", address, "--follow", timeout=60).stdout
+    assert client.get_job_status(again) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "already labeled" in logs and "progress [done]" in logs and "labeled " in logs
+    status = cli("status", again, "--address", address).stdout
+    assert "SUCCEEDED" in status and f"units {UNITS}/{UNITS}" in status and "complete" in status
+    for name, mtime in kept.items():
+        assert (commits / name).stat().st_mtime_ns == mtime, f"{name} was redone instead of resumed"
+    assert rows(str(out)) == rows(reference)
+    missing = cli("status", "raysubmit_nope", "--address", address, check=False)
+    assert missing.returncode == 2 and "raysubmit_nope" in missing.stderr
