@@ -35,6 +35,7 @@ from labelgen.contract.format import (
     COMMITS_DIR,
     MANIFEST_NAME,
     SPEC_NAME,
+    TOKENIZER_RECORD,
     Manifest,
     ShardRecord,
     UnitRecord,
@@ -188,6 +189,9 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
     if done is not None:
         return JobPlan(spec, sources, tokenizer, fs, root, {}, done)
     _, units = read_commits(fs, root)
+    # The tokenizer before any shard, so a student can check it while the job still writes.
+    tok_info = tokenizer_info(tokenizer, spec.teacher.tokenizer or spec.teacher.model)
+    write_json_atomic(fs, join_url(root, COMMITS_DIR, TOKENIZER_RECORD), tok_info)
     plan = JobPlan(spec, sources, tokenizer, fs, root, units)
     log(f"{len(sources)} source(s), {len(units)} already labeled, {len(plan.pending)} to go")
     return plan

@@ -32,6 +32,7 @@ from labelgen.contract.configs import config_to_dict
 from labelgen.contract.format import (
     COMMITS_DIR,
     MANIFEST_NAME,
+    TOKENIZER_RECORD,
     FormatError,
     Manifest,
     join_url,
@@ -101,11 +102,11 @@ def _pending_manifest(url: str) -> Manifest:
     """A stand-in manifest carrying the tokenizer of a job that is still writing ``url``
     (from the job's ``_commits/tokenizer.json``, written before the first shard)."""
     fs, root = fsspec.core.url_to_fs(url)
-    path = join_url(root, COMMITS_DIR, "tokenizer.json")
+    path = join_url(root, COMMITS_DIR, TOKENIZER_RECORD)
     if not fs.exists(path):
         raise FormatError(
-            f"{url} has no manifest and no {COMMITS_DIR}/tokenizer.json: it is not a labeling job's output "
-            "(or the job has not started); check data.url"
+            f"{url} has no manifest and no {COMMITS_DIR}/{TOKENIZER_RECORD}: it is not a labeling job's "
+            "output (or the job has not started); check data.url"
         )
     with fs.open(path, "r") as f:
         tokenizer = json.load(f)

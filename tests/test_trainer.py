@@ -262,3 +262,44 @@ def test_hidden_state_loss_joins_teacher_states_by_row_and_position(teacher_dir,
     with pytest.raises(ValueError, match="stores layers"):
         bad = {"hidden": {"layer_map": {1: 5}}}
         Trainer(config(url, teacher_dir, tmp_path / "bad", loss=bad), log=lambda m: None).setup()
+
+
+def test_follow_mode_trains_while_the_labeling_job_writes(fake_labels, teacher_dir, corpus_dir, tmp_path):
+    import threading
+    import time
+    from pathlib import Path
+
+    from conftest import make_spec
+    from fakes import FakeTeacher
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+
+    class SlowTeacher(FakeTeacher):
+        def label(self, batch):
+            time.sleep(0.3)
+            return super().label(batch)
+
+    url = tmp_path / "growing"
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, str(url)))
+    job = threading.Thread(
+        target=run_job,
+        args=(spec,),
+        kwargs={"show_progress": False, "teacher_factory": lambda s: SlowTeacher(8)},
+    )
+    job.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (url / "_commits" / "tokenizer.json").is_file():
+            assert time.monotonic() < deadline, "the labeling job never started"
+            time.sleep(0.05)
+        assert not (url / "manifest.json").exists()
+        data = {"follow": True, "poll_seconds": 0.2, "eval_url": fake_labels, "follow_timeout_seconds": 60.0}
+        logs: list[str] = []
+        trainer = Trainer(config(str(url), teacher_dir, tmp_path / "run", data=data), log=logs.append)
+        trainer.setup()
+        assert any("following" in line and "still writing" in line for line in logs)
+        metrics = trainer.train()
+        assert trainer.step == 6 and metrics["positions"] > 0
+    finally:
+        job.join(timeout=120)
+    assert Path(url / "manifest.json").is_file()

@@ -41,6 +41,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "SPEC_NAME",
+    "TOKENIZER_RECORD",
     "SHARDS_DIR",
     "COMMITS_DIR",
     "FormatError",
@@ -74,6 +75,7 @@ FORMAT_NAME = "labelgen"
 FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
 SPEC_NAME = "job-spec.yaml"
+TOKENIZER_RECORD = "tokenizer.json"  # under COMMITS_DIR: the job's tokenizer, before any shard
 SHARDS_DIR = "shards"
 HIDDEN_DIR = "hidden"
 COMMITS_DIR = "_commits"
