@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from test_trainer import config as student_config
+from test_trainer import config_dict
 
 from labelgen.contract.format import read_manifest
 
@@ -46,30 +48,17 @@ def test_two_ranks_split_the_data_and_train_in_lockstep(fake_labels, teacher_dir
     import pyarrow.dataset as ds
 
     def config(name: str) -> Path:
-        cfg = {
-            "model": {
-                "tokenizer": str(teacher_dir),
-                "init": {
-                    "model_type": "llama",
-                    "vocab_size": 512,
-                    "hidden_size": 32,
-                    "intermediate_size": 64,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 1,
-                    "num_key_value_heads": 1,
-                    "max_position_embeddings": 256,
-                },
-            },
-            "data": {"url": fake_labels, "batch_sequences": 3, "holdout_row_groups": 1},
-            "loss": {"kind": "forward_kl", "chunk_tokens": 64},
-            "optim": {"lr": 1e-3, "max_steps": 4},
-            "train": {
-                "output_dir": str(tmp_path / name / "run"),
-                "eval_every": 0,
-                "eval_batches": 2,
-                "threads": 1,
-            },
-        }
+        cfg = config_dict(
+            student_config(
+                fake_labels,
+                teacher_dir,
+                tmp_path / name / "run",
+                data={"batch_sequences": 3, "holdout_row_groups": 1},
+                loss={"kind": "forward_kl", "chunk_tokens": 64},
+                optim={"max_steps": 4},
+                train={"eval_batches": 2},
+            )
+        )
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
