@@ -73,6 +73,13 @@ class DataConfig:
     mixture: list[SourceConfig] = field(default_factory=list)
     """Instead of ``url``: several label datasets sampled by weight (domain mixing, several
     teachers sharing one tokenizer). The first one provides the held-out set."""
+    teachers: list[SourceConfig] = field(default_factory=list)
+    """A teacher ensemble: other teachers' label datasets over the same corpus, packing
+    and tokenizer. Their labels are joined to every row of ``url`` (by token hash) and
+    the KD term becomes the weighted multi-teacher loss (each teacher's divergence over
+    its own top-k + tail, weights normalised). Empty: one teacher."""
+    teacher_weight: float = 1.0
+    """With ``teachers``: the weight of ``url``'s own teacher in the ensemble."""
     batch_sequences: int = 8
     """Sequences per micro-batch (per rank)."""
     eval_url: str | None = None
@@ -107,6 +114,15 @@ class DataConfig:
             yield "prefetch_row_groups", f"must be >= 0, got {self.prefetch_row_groups}"
         if self.num_workers < 0:
             yield "num_workers", f"must be >= 0, got {self.num_workers}"
+        if self.teachers and self.url is None:
+            yield (
+                "teachers",
+                "needs data.url (the dataset whose rows the other teachers' labels are joined to)",
+            )
+        if self.teachers and self.follow:
+            yield "teachers", "cannot be used with data.follow (every teacher's dataset must be complete)"
+        if self.teacher_weight < 0:
+            yield "teacher_weight", f"must be >= 0, got {self.teacher_weight}"
         if self.follow and len(self.sources) > 1:
             yield "follow", "works with one dataset (data.url), not a mixture"
         if self.poll_seconds <= 0:
@@ -300,6 +316,20 @@ class TrainConfig:
     optim.max_steps with ``data`` and ``loss``. The LR schedule spans all stages."""
 
     def check(self):
+        if self.data.teachers:
+            for i, stage in enumerate(self.resolved_stages()):
+                where = f"stages[{i}]" if self.stages else "loss"
+                assert stage.loss is not None
+                if self.stages and self.stages[i].mixture is not None:
+                    yield (
+                        f"stages[{i}].mixture",
+                        "cannot be combined with data.teachers (an ensemble reads data.url)",
+                    )
+                if stage.loss.kind == "sampled" or stage.loss.chunk_tokens:
+                    yield (
+                        f"{where}.kind" if stage.loss.kind == "sampled" else f"{where}.chunk_tokens",
+                        "is not supported with data.teachers (the ensemble loss is top-k, unchunked)",
+                    )
         if self.stages and self.optim.max_steps is not None:
             total = sum(s.steps for s in self.stages)
             if self.optim.max_steps != total:

@@ -41,8 +41,9 @@ from labelgen.contract.format import (
 from students.chunked_loss import chunked_kd_loss
 from students.config import LossConfig, StageConfig, TrainConfig
 from students.data import LabelStream, open_dataset, row_group_refs
+from students.ensemble import EnsembleStream
 from students.hidden_losses import HiddenStateDistiller
-from students.losses import bucket_kl, kd_loss, masked_cross_entropy, sampled_kd
+from students.losses import bucket_kl, kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
 from students.mixture import MixtureStream
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
@@ -217,6 +218,11 @@ class Trainer:
                             f"stage {stage.name!r}: loss.chunk_tokens needs logits = hidden @ W, but this "
                             f"student's config sets {name}={getattr(config, name)}; set loss.chunk_tokens=0"
                         )
+        for source in cfg.data.teachers:
+            if self._manifest(source.url) is None:
+                raise ValueError(
+                    f"data.teachers: {source.url} is still being written; an ensemble needs it complete"
+                )
         self._setup_hidden()
         self._setup_eval()
         self.model.to(self.device)
@@ -393,7 +399,14 @@ class Trainer:
                         hidden=stage.loss is not None and stage.loss.hidden is not None,
                     )
                 )
-            if len(streams) == 1:
+            if len(streams) == 1 and data.teachers and stage.mixture[0].url == data.url:
+                self._stream = EnsembleStream(
+                    streams[0],
+                    [(t.url, self.manifests[t.url]) for t in data.teachers],
+                    verify=data.verify,
+                    log=self.log,
+                )
+            elif len(streams) == 1:
                 self._stream = streams[0]
             else:
                 self._stream = MixtureStream(
@@ -473,6 +486,20 @@ class Trainer:
             ce = masked_cross_entropy(flat, targets, mask)
             if loss.alpha > 0 and loss.kind == "sampled":
                 kd = sampled_kd(flat, draws["draw_ids"], draws["draw_counts"], mask, temperature)
+            elif loss.alpha > 0 and "topk_ids@1" in batch:  # a teacher ensemble (data.teachers)
+                teachers = [(self.cfg.data.teacher_weight, ids, lps)]
+                for j, source in enumerate(self.cfg.data.teachers, start=1):
+                    kj = batch[f"topk_ids@{j}"].shape[-1]
+                    teachers.append(
+                        (
+                            source.weight,
+                            batch[f"topk_ids@{j}"].reshape(-1, kj),
+                            batch[f"topk_logprobs@{j}"].reshape(-1, kj),
+                        )
+                    )
+                kd = multi_teacher_kd(
+                    loss.kind, flat, teachers, mask, temperature, beta=loss.beta, skew=loss.skew
+                )
             elif loss.alpha > 0:
                 kd = kd_loss(loss.kind, flat, ids, lps, mask, temperature, beta=loss.beta, skew=loss.skew)
             else:

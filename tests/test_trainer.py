@@ -303,3 +303,73 @@ def test_follow_mode_trains_while_the_labeling_job_writes(fake_labels, teacher_d
     finally:
         job.join(timeout=120)
     assert Path(url / "manifest.json").is_file()
+
+
+def test_teacher_ensemble_joins_labels_by_row_and_mixes_the_loss(
+    fake_labels, teacher_dir, corpus_dir, tmp_path
+):
+    from conftest import make_spec
+    from fakes import FakeTeacher
+    from labelgen.runner import run_job
+    from labelgen.spec import JobSpec
+    from students.data import LabelStream, open_dataset
+    from students.losses import kd_loss, multi_teacher_kd
+
+    other = str(tmp_path / "teacher2")
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, other, labels={"k": 4}))
+    run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k, seed=5))
+    # Teacher 2's labels of every row, keyed by token hash, read straight from its dataset.
+    m2, _, _ = open_dataset(other)
+    direct = {}
+    for b in LabelStream(other, m2, None, 4, shuffle=False, loop=False):
+        for r in range(len(b["token_hash"])):
+            direct[int(b["token_hash"][r])] = (b["topk_ids"][r], b["label_mask"][r].sum())
+
+    def trainer_for(weight: float, out: str) -> Trainer:
+        data = {"teachers": [{"url": other, "weight": weight}], "teacher_weight": 1.0}
+        t = Trainer(config(fake_labels, teacher_dir, tmp_path / out, data=data), log=lambda m: None)
+        t.setup()
+        return t
+
+    trainer = trainer_for(3.0, "ens")
+    batch = trainer.next_batch(0)
+    assert batch["topk_ids@1"].shape[-1] == 4 and batch["topk_ids"].shape[-1] == 8
+    for r in range(batch["input_ids"].shape[0]):
+        ids, positions = direct[int(batch["token_hash"][r])]
+        n = int(positions)
+        torch.testing.assert_close(batch["topk_ids@1"][r, :n], torch.from_numpy(ids[:n]))
+    parts = trainer.losses(batch)
+    logits = trainer.model(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, 512)
+    mask = batch["label_mask"].reshape(-1)
+    want = multi_teacher_kd(
+        "forward_kl",
+        logits,
+        [
+            (1.0, batch["topk_ids"].reshape(-1, 8), batch["topk_logprobs"].reshape(-1, 8)),
+            (3.0, batch["topk_ids@1"].reshape(-1, 4), batch["topk_logprobs@1"].reshape(-1, 4)),
+        ],
+        mask,
+    )
+    torch.testing.assert_close(parts["kd"], want)
+    single = kd_loss(
+        "forward_kl", logits, batch["topk_ids"].reshape(-1, 8), batch["topk_logprobs"].reshape(-1, 8), mask
+    )
+    assert abs(parts["kd"].item() - single.item()) > 1e-4  # the second teacher changes the loss
+    trainer.train()
+    assert trainer.step == 6
+
+
+def test_teacher_ensemble_config_rules(fake_labels, teacher_dir, tmp_path):
+    from labelgen.contract.configs import ConfigError
+
+    base = config_dict(config(fake_labels, teacher_dir, tmp_path))
+    bad = {
+        **base,
+        "data": {**base["data"], "teachers": [{"url": "x"}], "follow": True, "eval_url": "y"},
+        "loss": {"kind": "sampled"},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, bad)
+    text = str(info.value)
+    assert "data.teachers cannot be used with data.follow" in text, text
+    assert "loss.kind is not supported with data.teachers" in text, text
