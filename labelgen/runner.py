@@ -40,9 +40,10 @@ from labelgen.contract.format import (
     ShardRecord,
     UnitRecord,
     join_url,
+    list_fresh,
 )
 from labelgen.corpus import Source, read_source, resolve_sources, source_sha256
-from labelgen.object_store import is_local, retry
+from labelgen.object_store import retry
 from labelgen.packing import Sequence, pack
 from labelgen.provenance import check_model_path, load_tokenizer, tokenizer_info, weights_fingerprint
 from labelgen.spec import JobSpec
@@ -83,20 +84,6 @@ def unit_commits(fs: Any, root: str, unit: int) -> list[ShardRecord]:
     return _read_records(fs, root, (f"part-{unit:05d}-",))[0]
 
 
-def _listing(fs: Any, directory: str, prefix: str = "") -> list[str]:
-    if not is_local(fs):
-        fs.invalidate_cache(directory)  # listings are cached; records come from other processes
-        if prefix:
-            try:  # s3fs/gcsfs list by key prefix: one request for a unit, not the whole directory
-                return sorted(fs.find(directory, prefix=prefix))
-            except TypeError:
-                pass
-    try:
-        return sorted(fs.ls(directory, detail=False))
-    except FileNotFoundError:
-        return []
-
-
 def _read_json(fs: Any, path: str) -> Any:
     return retry(lambda: json.loads(fs.cat_file(path)), f"read {path}")
 
@@ -107,7 +94,7 @@ def _read_records(
     directory = join_url(root, COMMITS_DIR)
     shards, units = [], {}
     common = prefixes[0] if len(prefixes) == 1 else ""
-    for path in retry(lambda: _listing(fs, directory, common), f"list {directory}"):
+    for path in retry(lambda: list_fresh(fs, directory, common), f"list {directory}"):
         name = path.rsplit("/", 1)[-1]
         if not name.endswith(".json") or not name.startswith(prefixes):
             continue

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from labelgen.contract.format import Columns, FormatError, Manifest, join_url
-from students.data import LabelStream, collate, row_group_refs
+from students.data import LabelStream, collate
 from students.shards import RowGroupRef, ShardReader
 
 __all__ = ["EnsembleStream", "TeacherIndex"]
@@ -40,15 +40,21 @@ class TeacherIndex:
         fs, root = fsspec.core.url_to_fs(url)
         self.url = url
         self.where: dict[int, tuple[RowGroupRef, int]] = {}
-        for ref in row_group_refs(manifest):
-            path = join_url(root, ref.shard)
+        for shard in manifest.shards:  # one read of the hash column per shard file
+            path = join_url(root, shard.path)
             try:
                 with fs.open(path, "rb") as f:
-                    column = pq.ParquetFile(f).read_row_group(ref.row_group, columns=[Columns.TOKEN_HASH])
+                    parquet = pq.ParquetFile(f)
+                    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+                    hashes = parquet.read(columns=[Columns.TOKEN_HASH]).column(0).to_numpy()
             except OSError as exc:
                 raise FormatError(f"cannot read the token hashes of {path}: {exc}") from exc
-            for row, value in enumerate(column.column(0).to_numpy().tolist()):
-                self.where.setdefault(int(value), (ref, row))
+            first = 0
+            for group, size in enumerate(sizes):
+                ref = RowGroupRef(shard.path, group)
+                for row, value in enumerate(hashes[first : first + size].tolist()):
+                    self.where.setdefault(int(value), (ref, row))
+                first += size
 
     def locate(self, hashes: np.ndarray) -> list[tuple[RowGroupRef, int]]:
         """(row group, row) of each uint64 hash; raises FormatError naming a missing one."""

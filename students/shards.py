@@ -41,6 +41,7 @@ from labelgen.contract.format import (
     ShardRecord,
     decode_topk_table,
     join_url,
+    list_fresh,
 )
 
 __all__ = [
@@ -153,13 +154,8 @@ def read_commit_records(fs: Any, root: str) -> list[ShardRecord]:
     Records are written atomically after their shard, so every listed shard is complete.
     Temporary files (``*.json.tmp-PID``) and unit records are ignored.
     """
-    directory = join_url(root, COMMITS_DIR)
-    try:
-        names = sorted(fs.ls(directory, detail=False))
-    except FileNotFoundError:
-        return []
     records = []
-    for path in names:
+    for path in list_fresh(fs, join_url(root, COMMITS_DIR), "part-"):
         name = path.rsplit("/", 1)[-1]
         if name.startswith("part-") and name.endswith(".json"):
             with fs.open(path, "r") as f:

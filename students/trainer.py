@@ -31,7 +31,6 @@ import yaml
 from labelgen.contract.configs import config_to_dict
 from labelgen.contract.format import (
     COMMITS_DIR,
-    MANIFEST_NAME,
     TOKENIZER_RECORD,
     FormatError,
     Manifest,
@@ -45,6 +44,7 @@ from students.ensemble import EnsembleStream
 from students.hidden_losses import HiddenStateDistiller
 from students.losses import bucket_kl, kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
 from students.mixture import MixtureStream
+from students.shards import read_manifest_if_complete
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
 
@@ -53,14 +53,17 @@ class TokenizerMismatchError(ValueError):
     """The labels were made with a different tokenizer than the student's."""
 
 
-def check_tokenizer(manifest: Manifest, tokenizer: Any, tokenizer_path: str, url: str) -> None:
-    """Refuse labels whose tokenizer fingerprint differs from the student tokenizer's."""
+def check_tokenizer(labels: dict[str, Any], tokenizer: Any, tokenizer_path: str, url: str) -> None:
+    """Refuse labels whose tokenizer fingerprint differs from the student tokenizer's.
+
+    ``labels`` is the labels' tokenizer record (``Manifest.tokenizer``, or the job's
+    ``_commits/tokenizer.json`` while it still writes)."""
     mine = tokenizer_fingerprint(tokenizer)
-    theirs = manifest.tokenizer.get("fingerprint")
+    theirs = labels.get("fingerprint")
     if mine != theirs:
         raise TokenizerMismatchError(
             f"the labels at {url} were made with tokenizer {theirs} "
-            f"({manifest.tokenizer.get('path')}, vocab {manifest.tokenizer.get('vocab_size')}), "
+            f"({labels.get('path')}, vocab {labels.get('vocab_size')}), "
             f"but the student's tokenizer {tokenizer_path} is {mine} (vocab {len(tokenizer)}); "
             "token ids would not line up. Use the teacher's tokenizer for the student, or label "
             "the corpus again with a teacher that shares the student's tokenizer"
@@ -94,15 +97,9 @@ def load_student(cfg: TrainConfig, seed: int) -> tuple[Any, Any, str]:
     return model, tokenizer, tok_path
 
 
-def _is_complete(url: str) -> bool:
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs.exists(join_url(root, MANIFEST_NAME))
-
-
-def _pending_manifest(url: str) -> Manifest:
-    """A stand-in manifest carrying the tokenizer of a job that is still writing ``url``
-    (from the job's ``_commits/tokenizer.json``, written before the first shard)."""
-    fs, root = fsspec.core.url_to_fs(url)
+def _pending_tokenizer(fs: Any, root: str, url: str) -> dict[str, Any]:
+    """The tokenizer record of a job that is still writing ``url`` (``_commits/tokenizer.json``,
+    written before the first shard)."""
     path = join_url(root, COMMITS_DIR, TOKENIZER_RECORD)
     if not fs.exists(path):
         raise FormatError(
@@ -110,10 +107,7 @@ def _pending_manifest(url: str) -> Manifest:
             "output (or the job has not started); check data.url"
         )
     with fs.open(path, "r") as f:
-        tokenizer = json.load(f)
-    return Manifest(
-        k=0, teacher={}, tokenizer=tokenizer, corpus={}, spec_sha256="", shards=[], units=[], created_at=""
-    )
+        return json.load(f)
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -273,12 +267,18 @@ class Trainer:
         against the job's pending record instead."""
         if url in self.manifests:
             return self.manifests[url]
-        if self.cfg.data.follow and not _is_complete(url):
-            check_tokenizer(_pending_manifest(url), self.tokenizer, self.tok_path, url)
-            self.log(f"following {url}: the labeling job is still writing; new shards are read as they land")
-            return None
-        manifest, _, _ = open_dataset(url)
-        check_tokenizer(manifest, self.tokenizer, self.tok_path, url)
+        if self.cfg.data.follow:
+            fs, root = fsspec.core.url_to_fs(url)
+            manifest = read_manifest_if_complete(fs, root)
+            if manifest is None:
+                check_tokenizer(_pending_tokenizer(fs, root, url), self.tokenizer, self.tok_path, url)
+                self.log(
+                    f"following {url}: the labeling job is still writing; new shards are read as they land"
+                )
+                return None
+        else:
+            manifest, _, _ = open_dataset(url)
+        check_tokenizer(manifest.tokenizer, self.tokenizer, self.tok_path, url)
         self.manifests[url] = manifest
         return manifest
 
@@ -329,7 +329,7 @@ class Trainer:
         self.holdout: dict[str, int] = {}
         if cfg.data.eval_url:
             manifest, _, _ = open_dataset(cfg.data.eval_url)  # complete, also in follow mode
-            check_tokenizer(manifest, self.tokenizer, self.tok_path, cfg.data.eval_url)
+            check_tokenizer(manifest.tokenizer, self.tokenizer, self.tok_path, cfg.data.eval_url)
             self.eval_args = (cfg.data.eval_url, manifest, row_group_refs(manifest))
             return
         url = self.stages[0].mixture[0].url  # type: ignore[index]

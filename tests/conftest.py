@@ -75,6 +75,22 @@ def make_spec(teacher_dir: Path, corpus_dir: Path, out_url: str, **sections) -> 
     return spec
 
 
+def dataset_rows(url) -> list[dict]:
+    """Every row of a complete label dataset (any fsspec URL), shard by shard in manifest order."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from labelgen.contract.format import join_url, read_manifest
+
+    m = read_manifest(str(url))
+    fs, root = fsspec.core.url_to_fs(str(url))
+    out: list[dict] = []
+    for shard in m.shards:
+        with fs.open(join_url(root, shard.path), "rb") as f:
+            out.extend(pq.read_table(f).to_pylist())
+    return out
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path

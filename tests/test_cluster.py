@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import fsspec
-import pyarrow.parquet as pq
 import pytest
 import s3_server
 from s3_server import upload_dir
 
-from conftest import make_spec, write_spec
+from conftest import dataset_rows, make_spec, write_spec
 from labelgen.contract.configs import load_config
 from labelgen.contract.format import COMMITS_DIR, MANIFEST_NAME, read_manifest
 from labelgen.runner import PROGRESS_NAME
@@ -47,16 +46,6 @@ def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
     )
     if check and out.returncode != 0:
         raise AssertionError(f"labelgen {' '.join(args)} failed:\n{out.stdout}\n{out.stderr[-4000:]}")
-    return out
-
-
-def rows(url: str) -> list[dict]:
-    m = read_manifest(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    out: list[dict] = []
-    for shard in m.shards:
-        with fs.open(f"{root}/{shard.path}", "rb") as f:
-            out.extend(pq.read_table(f).to_pylist())
     return out
 
 
@@ -185,7 +174,7 @@ def test_ray_replicas_match_the_local_runner_and_survive_a_killed_replica(
     assert progress["state"] == "done" and progress["retries"] == 1
     assert progress["units_done"] == UNITS and progress["rejected"] == 2
     ref = read_manifest(reference)
-    a, b = rows(reference), rows(out)
+    a, b = dataset_rows(reference), dataset_rows(out)
     assert len(a) == len(b) and len({r["sample_id"] for r in b}) == len(b), "rows lost or doubled"
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
     for x, y in zip(a, b, strict=True):
@@ -235,6 +224,6 @@ def test_submit_status_logs_stop_and_resubmit_resumes(
     assert "SUCCEEDED" in status and f"units {UNITS}/{UNITS}" in status and "complete" in status
     for name, mtime in kept.items():
         assert (commits / name).stat().st_mtime_ns == mtime, f"{name} was redone instead of resumed"
-    assert rows(str(out)) == rows(reference)
+    assert dataset_rows(str(out)) == dataset_rows(reference)
     missing = cli("status", "raysubmit_nope", "--address", address, check=False)
     assert missing.returncode == 2 and "raysubmit_nope" in missing.stderr

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_integration import all_rows, cli
+from test_integration import cli
 
-from conftest import make_spec, write_spec
+from conftest import dataset_rows, make_spec, write_spec
 from labelgen.contract.format import read_manifest
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def public_job(teacher_dir, corpus_dir, tmp_path_factory):
 def test_hook_labels_equal_the_public_flat_path(hook_job, public_job):
     assert read_manifest(str(hook_job)).teacher["extraction"] == "hook"
     assert read_manifest(str(public_job)).teacher["extraction"] == "public"
-    hook, public = all_rows(hook_job), all_rows(public_job)
+    hook, public = dataset_rows(hook_job), dataset_rows(public_job)
     assert [r["sample_id"] for r in hook] == [r["sample_id"] for r in public]
     same_ids = total = 0
     for a, b in zip(hook, public, strict=True):
@@ -87,7 +87,7 @@ def test_hidden_states_match_transformers(hook_job, teacher_dir):
 
 
 def test_draws_follow_the_teacher_distribution(hook_job, teacher_dir):
-    row = all_rows(hook_job)[3]
+    row = dataset_rows(hook_job)[3]
     t = row["num_tokens"]
     ref, _ = _reference(teacher_dir, row["input_ids"])
     num = np.array(row["draw_num"])

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import make_spec, write_spec
+from conftest import dataset_rows, make_spec, write_spec
 from labelgen.contract.format import COMMITS_DIR, read_manifest
 from students.config import TrainConfig
 
@@ -31,14 +30,6 @@ def cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *args[1:]], capture_output=True, text=True, check=check, **kw
     )
-
-
-def all_rows(url) -> list[dict]:
-    m = read_manifest(str(url))
-    rows: list[dict] = []
-    for shard in m.shards:
-        rows.extend(pq.read_table(f"{url}/{shard.path}").to_pylist())
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def test_labels_match_transformers_fp32(vllm_job, teacher_dir):
     assert m.teacher["engine"] == "vllm" and m.teacher["logprobs_mode"] == "raw_logprobs"
     assert m.tokenizer["model_vocab_size"] == 528 and m.tokenizer["vocab_size"] == 512
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    rows = all_rows(url)
+    rows = dataset_rows(url)
     picked = rows[:6] + rows[-4:]  # includes chat records (unit 0) and a short last sequence
     k, checked, exact = m.k, 0, 0
     for row in picked:
@@ -109,7 +100,7 @@ def test_sigkill_and_rerun_gives_the_same_dataset(vllm_job, teacher_dir, corpus_
         )
     final = cli("labelgen", "run", str(spec), "--no-progress")
     assert "labeled" in final.stdout
-    a, b = all_rows(reference), all_rows(out)
+    a, b = dataset_rows(reference), dataset_rows(out)
     assert len(a) == len(b)
     assert [r["sample_id"] for r in a] == [r["sample_id"] for r in b]
     for x, y in zip(a, b, strict=True):

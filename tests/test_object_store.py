@@ -10,12 +10,11 @@ import json
 import logging
 
 import fsspec
-import pyarrow.parquet as pq
 import pytest
 import s3_server
 from s3_server import upload_dir
 
-from conftest import make_spec
+from conftest import dataset_rows, make_spec
 from fakes import FakeTeacher
 from labelgen import object_store
 from labelgen.contract.configs import ConfigError, load_config
@@ -34,16 +33,6 @@ def spec_for(teacher_dir, corpus_url, out_url, **sections) -> JobSpec:
     raw = make_spec(teacher_dir, "unused", out_url, **sections)
     raw["corpus"]["sources"] = [corpus_url]
     return load_config(JobSpec, raw)
-
-
-def dataset_rows(url: str) -> list[dict]:
-    m = read_manifest(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    out: list[dict] = []
-    for shard in m.shards:
-        with fs.open(f"{root}/{shard.path}", "rb") as f:
-            out.extend(pq.read_table(f).to_pylist())
-    return out
 
 
 # -- credentials -------------------------------------------------------------------------

@@ -69,6 +69,7 @@ __all__ = [
     "read_manifest",
     "check_format_version",
     "join_url",
+    "list_fresh",
 ]
 
 FORMAT_NAME = "labelgen"
@@ -482,6 +483,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     }
     payload = json.dumps({"vocab": vocab, "specials": specials}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def list_fresh(fs: Any, directory: str, prefix: str = "") -> list[str]:
+    """Sorted paths under ``directory`` (those starting with ``prefix`` where the store can
+    filter by key prefix), bypassing fsspec's listing cache on object stores: commit
+    records are written by other processes while a job runs. [] if it does not exist."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols:
+        fs.invalidate_cache(directory)
+        if prefix:
+            try:  # s3fs/gcsfs list by key prefix: one request for a unit, not the whole directory
+                return sorted(fs.find(directory, prefix=prefix))
+            except TypeError:
+                pass
+    try:
+        return sorted(fs.ls(directory, detail=False))
+    except FileNotFoundError:
+        return []
 
 
 def join_url(base: str, *parts: str) -> str:
