@@ -29,7 +29,6 @@ from labelgen.contract.format import (
     SHARDS_DIR,
     Columns,
     ShardRecord,
-    encode_topk,
     encode_topk_columns,
     hidden_schema,
     join_url,
@@ -203,30 +202,19 @@ class ShardWriter:
             Columns.NUM_TOKENS: pa.array([len(s.input_ids) for s in seqs], pa.int32()),
             Columns.INPUT_IDS: lists([s.input_ids for s in seqs], pa.int32()),
             Columns.LABEL_MASK: lists([s.label_mask for s in seqs], pa.uint8()),
-            **self._topk_columns(labs, lists),
+            **self._topk_columns(labs),
             Columns.TARGET_LOGPROBS: lists([lab.target_logprobs for lab in labs], pa.float32()),
         }
         return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in self.schema], schema=self.schema)
 
-    def _topk_columns(self, labs: list[SequenceLabels], lists: Any) -> dict[str, pa.Array]:
-        if self.codec == "plain":
-            return {
-                Columns.TOPK_IDS: lists([lab.topk_ids for lab in labs], pa.int32()),
-                Columns.TOPK_LOGPROBS: lists([lab.topk_logprobs for lab in labs], pa.float32()),
-            }
-        if self.codec == "compact-v2":  # one vectorised pass over the whole row group
-            return encode_topk_columns(
-                self.codec,
-                np.concatenate([lab.topk_ids.reshape(-1, self.k) for lab in labs]),
-                np.concatenate([lab.topk_logprobs.reshape(-1, self.k) for lab in labs]),
-                np.array([len(lab.target_logprobs) for lab in labs], np.int64),
-            )
-        encoded = [encode_topk(lab.topk_ids, lab.topk_logprobs) for lab in labs]
-        return {
-            Columns.TOPK_ID_DELTAS: lists([e[0] for e in encoded], pa.int32()),
-            Columns.TOPK_LOGPROB_Q: lists([e[1] for e in encoded], pa.uint8()),
-            Columns.TOPK_TAIL: lists([e[2] for e in encoded], pa.float32()),
-        }
+    def _topk_columns(self, labs: list[SequenceLabels]) -> dict[str, pa.Array]:
+        """The row group's top-k columns under the job's codec, one vectorised pass."""
+        return encode_topk_columns(
+            self.codec,
+            np.concatenate([lab.topk_ids.reshape(-1, self.k) for lab in labs]),
+            np.concatenate([lab.topk_logprobs.reshape(-1, self.k) for lab in labs]),
+            np.array([len(lab.target_logprobs) for lab in labs], np.int64),
+        )
 
     def _hidden_table(self, hashes: list[int]) -> pa.Table:
         assert self.hidden_schema is not None
