@@ -48,7 +48,7 @@ MODELS = {
 
 def corpus(vocab: int) -> list[str]:
     """Docstrings of the standard library; for a 32k vocabulary also its source files."""
-    from labelgen.tiny import stdlib_texts
+    from labelgen.testing import stdlib_texts
 
     texts = stdlib_texts()
     if vocab > 10_000:  # the docstrings alone only make a ~9k-token BPE vocabulary
@@ -63,7 +63,7 @@ def build_teacher(
     directory: Path, name: str, steps: int, sequences: int, seq_len: int
 ) -> tuple[Path, list[list[int]]]:
     """Build (and for trained-* pretrain) a teacher; returns it and the token sequences to label."""
-    from labelgen.tiny import build_llama, build_tokenizer, pretrain
+    from labelgen.testing import build_llama, build_tokenizer, pretrain
 
     vocab, hidden, layers, heads, inter, trained = MODELS[name]
     out = directory / name
@@ -159,15 +159,15 @@ def kl_tempered(exact_ids, exact_lps, exact_tail, ids, lps, temperature: float) 
 def write_shard(directory: str, codec: str, rows: list[dict], k: int, level: int) -> str:
     """One shard (a single row group) through the labelgen writer; returns its path."""
     from labelgen.contract.format import SHARDS_DIR
-    from labelgen.packing import Sequence
-    from labelgen.teacher import SequenceLabels
+    from labelgen.labels import SequenceLabels
+    from labelgen.packing import PackedSequence
     from labelgen.writer import ShardWriter
 
     writer = ShardWriter(directory, 0, k, 0, 0, 1024, 1024, level, codec=codec)
     for i, row in enumerate(rows):
         t = len(row["input_ids"])
         labels = SequenceLabels(row["topk_ids"], row["topk_logprobs"], row["target_logprobs"])
-        writer.add(Sequence(f"bench#{i}.0", row["input_ids"], np.ones(t - 1, np.uint8)), labels)
+        writer.add(PackedSequence(f"bench#{i}.0", row["input_ids"], np.ones(t - 1, np.uint8)), labels)
     (record,) = writer.close()
     return os.path.join(directory, SHARDS_DIR, os.path.basename(record.path))
 

@@ -37,7 +37,7 @@ MODELS = {
 
 
 def build_model(directory: Path, vocab: int, hidden: int, layers: int, heads: int, inter: int) -> Path:
-    from labelgen.tiny import build_llama
+    from labelgen.testing import build_llama
 
     build_llama(
         directory,

@@ -32,10 +32,10 @@ import pyarrow.parquet as pq
 import torch
 
 from labelgen.contract.format import MANIFEST_NAME, Manifest, join_url
-from labelgen.packing import Sequence
-from labelgen.teacher import SequenceLabels
+from labelgen.labels import SequenceLabels
+from labelgen.packing import PackedSequence
 from labelgen.writer import ShardWriter
-from students.data import LabelStream
+from students.stream import LabelStream
 
 
 def build_dataset(root: str, sequences: int, seq_len: int, k: int, vocab: int = 32000) -> Manifest:
@@ -51,7 +51,7 @@ def build_dataset(root: str, sequences: int, seq_len: int, k: int, vocab: int = 
         top[:, 0] = ids[1:]  # the real next token is usually in the top-k
         lps = np.sort(np.log(rng.dirichlet(np.ones(k * 2), n)[:, :k]), axis=1)[:, ::-1].astype(np.float32)
         writer.add(
-            Sequence(f"synthetic#{i}.0", ids, np.ones(n, np.uint8)),
+            PackedSequence(f"synthetic#{i}.0", ids, np.ones(n, np.uint8)),
             SequenceLabels(top, np.ascontiguousarray(lps), lps[:, 0].copy()),
         )
         if i % 16 == 15:

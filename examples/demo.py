@@ -44,7 +44,7 @@ def sh(*args: str) -> None:
 
 
 def build_inputs() -> None:
-    from labelgen.tiny import build_llama, build_tokenizer, pretrain, stdlib_texts, write_jsonl_corpus
+    from labelgen.testing import build_llama, build_tokenizer, pretrain, stdlib_texts, write_jsonl_corpus
 
     teacher = WORK / "teacher"
     if (teacher / "config.json").is_file():

@@ -148,7 +148,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from labelgen.inspect import format_report, inspect_dataset
+    from labelgen.summary import format_report, inspect_dataset
 
     print(format_report(inspect_dataset(args.url, sample_rows=args.sample_rows)))
     return 0
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelgen.contract.configs import ConfigError
     from labelgen.contract.format import FormatError
     from labelgen.corpus import CorpusError
-    from labelgen.object_store import CredentialError
+    from labelgen.credentials import CredentialError
     from labelgen.provenance import ModelPathError
 
     args = build_parser().parse_args(argv)

@@ -33,21 +33,12 @@ from typing import Any
 
 import fsspec
 
-from labelgen.contract.format import MANIFEST_NAME, Manifest, UnitRecord, join_url
+from labelgen.contract.commits import CommitLog
+from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, UnitRecord, join_url
 from labelgen.corpus import Source
+from labelgen.progress import PROGRESS_NAME, JobProgress, UnitProgress, format_progress
 from labelgen.provenance import load_tokenizer
-from labelgen.runner import (
-    PROGRESS_NAME,
-    JobError,
-    JobProgress,
-    UnitProgress,
-    finish_job,
-    format_progress,
-    plan_job,
-    record_teacher,
-    run_unit,
-    unit_commits,
-)
+from labelgen.runner import JobError, finish_job, plan_job, record_teacher, run_unit
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
 
@@ -59,11 +50,7 @@ __all__ = [
     "job_status",
     "job_logs",
     "stop_job",
-    "SPEC_FILE",
 ]
-
-SPEC_FILE = "job-spec.yaml"
-"""Name of the resolved spec in the working directory that `labelgen submit` uploads."""
 
 
 def import_ray() -> Any:
@@ -97,8 +84,7 @@ class _Replica:
 
     def run(self, unit: int, source: Source) -> tuple[UnitRecord, int]:
         """Label one unit after its committed shards; returns its record and the tokens labeled now."""
-        fs, root = fsspec.core.url_to_fs(self.spec.output.url)
-        committed = unit_commits(fs, root, unit)
+        committed = CommitLog.at(self.spec.output.url).shards(unit)
         record = run_unit(self.spec, unit, source, self.tokenizer, self.teacher, committed, self.progress)
         return record, self.progress.tokens
 
@@ -276,12 +262,12 @@ def submit_job(
     """
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="labelgen-submit-") as tmp:
-        with open(os.path.join(tmp, SPEC_FILE), "w") as f:
+        with open(os.path.join(tmp, SPEC_NAME), "w") as f:
             f.write(spec.to_yaml())
         env = dict(runtime_env or {})
         env["working_dir"] = tmp
         return client.submit_job(
-            entrypoint=f"labelgen run-ray {SPEC_FILE}",
+            entrypoint=f"labelgen run-ray {SPEC_NAME}",
             runtime_env=env,
             submission_id=submission_id,
             metadata={

@@ -20,7 +20,7 @@ import numpy as np
 from labelgen.corpus import Record, Rejected
 from labelgen.spec import PackingSpec
 
-__all__ = ["Sequence", "Document", "tokenize_record", "pack", "separator_id"]
+__all__ = ["PackedSequence", "Document", "tokenize_record", "pack", "separator_id"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Document:
 
 
 @dataclass(frozen=True)
-class Sequence:
+class PackedSequence:
     """One packed token sequence, the unit of labeling and of a Parquet row."""
 
     sample_id: str
@@ -93,8 +93,8 @@ def tokenize_record(tokenizer: Any, record: Record) -> Document:
     return Document(record.index, ids, targets)
 
 
-def _make(source: str, record: int, chunk: int, ids: list[int], targets: list[int]) -> Sequence:
-    return Sequence(
+def _make(source: str, record: int, chunk: int, ids: list[int], targets: list[int]) -> PackedSequence:
+    return PackedSequence(
         sample_id=f"{source}#{record}.{chunk}",
         input_ids=np.asarray(ids, dtype=np.int32),
         label_mask=np.asarray(targets[1:], dtype=np.uint8),
@@ -107,7 +107,7 @@ def pack(
     tokenizer: Any,
     spec: PackingSpec,
     rejected: dict[str, int],
-) -> Iterator[Sequence]:
+) -> Iterator[PackedSequence]:
     """Tokenize and pack the records of one source into sequences.
 
     ``rejected`` is updated in place with counts by reason: the reader's reasons plus
@@ -118,7 +118,7 @@ def pack(
     buf_targets: list[int] = []
     buf_origin: list[tuple[int, int]] = []  # (record, token offset in record) per token
 
-    def emit(n: int) -> Sequence | None:
+    def emit(n: int) -> PackedSequence | None:
         ids, targets, origin = buf_ids[:n], buf_targets[:n], buf_origin[:n]
         del buf_ids[:n], buf_targets[:n], buf_origin[:n]
         if len(ids) < spec.min_tokens:

@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 import yaml
 
+from labelgen.contract.codecs import CODEC_NAMES, DEFAULT_CODEC
 from labelgen.contract.configs import config_to_dict, load_config_file
-from labelgen.object_store import find_secrets, url_problem
+from labelgen.credentials import find_secrets, url_problem
 
 __all__ = [
     "TeacherSpec",
@@ -135,13 +136,14 @@ class LabelsSpec:
     """Temperature of the distribution the draws come from."""
     seed: int = 0
     """Seed of the draws and of the hidden-state positions."""
-    codec: Literal["plain", "compact-v1", "compact-v2"] = "plain"
-    """Top-k storage: 'plain' (int32 ids + float32 log-probs, exact), 'compact-v1' (ids
-    sorted and gap-coded, log-probs quantised to 1/16 nat in uint8) or 'compact-v2' (id
-    gaps as a zstd-coded head byte plus raw low bits, sqrt-probabilities quantised for a
-    mean KL of ~5e-4 nats per position, float16 log tail mass; 25-40% of plain's bytes
-    at k=64). Compact codecs are decoded transparently by the student reader
-    (docs/FORMAT.md). The target log-prob stays float32 in all three."""
+    codec: Literal[CODEC_NAMES] = DEFAULT_CODEC  # type: ignore[valid-type]
+    """Top-k storage (:mod:`labelgen.contract.codecs`; byte layouts in docs/FORMAT.md):
+    'plain' (int32 ids + float32 log-probs, exact), 'compact-v1' (ids sorted and
+    gap-coded, log-probs quantised to 1/16 nat in uint8) or 'compact-v2' (id gaps as a
+    zstd-coded head byte plus raw low bits, sqrt-probabilities quantised for a mean KL of
+    ~5e-4 nats per position, float16 log tail mass; 25-40% of plain's bytes at k=64).
+    Compact codecs are decoded transparently by the student reader. The target log-prob
+    stays float32 in all of them."""
 
     def check(self):
         if self.k < 1:

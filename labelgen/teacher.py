@@ -1,4 +1,4 @@
-"""The teacher interface: token sequences in, per-position label arrays out.
+"""The teacher interface: token sequences in, per-position label arrays out (:mod:`labelgen.labels`).
 
 A teacher is anything with ``k``, ``label(batch)``, ``provenance()`` and ``close()``.
 The vLLM implementation lives in :mod:`labelgen.teacher_vllm` (the only module that
@@ -8,39 +8,14 @@ without vLLM installed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from labelgen.labels import SequenceLabels
 from labelgen.spec import JobSpec
 
-__all__ = ["SequenceLabels", "Teacher", "load_teacher"]
-
-
-@dataclass(frozen=True)
-class SequenceLabels:
-    """Labels of one sequence of T tokens (position t = distribution of token t+1)."""
-
-    topk_ids: np.ndarray  # (T-1, k) int32, by descending log-prob
-    topk_logprobs: np.ndarray  # (T-1, k) float32, raw (temperature 1)
-    target_logprobs: np.ndarray  # (T-1,) float32, log p(input_ids[t+1] | input_ids[:t+1])
-    # Random-sampling labels (when labels.draws > 0): per position t, draw_num[t] unique
-    # ids with their counts, flattened in position order.
-    draw_num: np.ndarray | None = None  # (T-1,) int
-    draw_ids: np.ndarray | None = None  # (sum draw_num,) int32
-    draw_counts: np.ndarray | None = None  # (sum draw_num,) int
-    # Hidden-state samples (when hidden.layers is set).
-    hidden_positions: np.ndarray | None = None  # (P,) int64 token positions
-    hidden: dict[int, np.ndarray] | None = None  # layer id -> (P, D)
-
-    def validate(self, num_tokens: int, k: int) -> None:
-        assert self.topk_ids.shape == (num_tokens - 1, k), (self.topk_ids.shape, num_tokens, k)
-        assert self.topk_logprobs.shape == (num_tokens - 1, k)
-        assert self.target_logprobs.shape == (num_tokens - 1,)
-        if self.draw_num is not None:
-            assert self.draw_num.shape == (num_tokens - 1,)
-            assert self.draw_ids is not None and len(self.draw_ids) == int(self.draw_num.sum())
+__all__ = ["Teacher", "load_teacher"]
 
 
 class Teacher(Protocol):

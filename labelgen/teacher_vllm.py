@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from labelgen.labels import SequenceLabels
 from labelgen.spec import JobSpec
-from labelgen.teacher import SequenceLabels
 
 __all__ = ["VllmTeacher"]
 

@@ -4,18 +4,16 @@ Rows are buffered and written a row group at a time into a local temporary file.
 When the file reaches the target size (checked only at batch boundaries, so a
 resumed job forms the same batches) the shard is committed: on a local filesystem
 by renaming the temporary file into place, on an object store by one PUT of the
-finished file to its final key (retried with backoff by :mod:`labelgen.object_store`).
-Only then is its commit record ``_commits/<shard>.json`` written, so a shard without
-a record is never trusted and is simply rewritten on resume.
+finished file to its final key (retried with backoff; :mod:`labelgen.contract.storage`).
+Only then is its shard record written to the commit log, so a shard without a record
+is never trusted and is simply rewritten on resume.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
-from dataclasses import asdict
 from typing import Any
 
 import fsspec
@@ -23,68 +21,41 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from labelgen.contract.codecs import DEFAULT_CODEC, get_codec
+from labelgen.contract.commits import CommitLog
 from labelgen.contract.format import (
-    COMMITS_DIR,
     HIDDEN_DIR,
     SHARDS_DIR,
     Columns,
     ShardRecord,
-    encode_topk_columns,
     hidden_schema,
     join_url,
     label_schema,
     shard_name,
     token_hash,
 )
-from labelgen.object_store import is_local, put_bytes, put_file
-from labelgen.packing import Sequence
-from labelgen.teacher import SequenceLabels
+from labelgen.contract.storage import MIB, publish_file
+from labelgen.labels import SequenceLabels
+from labelgen.packing import PackedSequence
 
-__all__ = [
-    "ShardWriter",
-    "hidden_bytes",
-    "write_json_atomic",
-    "write_text_atomic",
-    "parquet_write_options",
-]
-
-_MIB = 1 << 20
+__all__ = ["ShardWriter", "hidden_bytes", "parquet_write_options"]
 
 
-def parquet_write_options(compression_level: int) -> dict[str, Any]:
-    """ParquetWriter options for label shards: zstd, no dictionaries, byte-stream-split floats."""
+def parquet_write_options(compression_level: int, codec: str = DEFAULT_CODEC) -> dict[str, Any]:
+    """ParquetWriter options for label shards: zstd, no dictionaries, byte-stream-split floats
+    (the codec adds the encodings of its own columns)."""
     return {
         "compression": "zstd",
         "compression_level": compression_level,
         "use_dictionary": False,
         "column_encoding": {
-            f"{Columns.TOPK_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
             f"{Columns.TARGET_LOGPROBS}.list.element": "BYTE_STREAM_SPLIT",
-            f"{Columns.TOPK_TAIL}.list.element": "BYTE_STREAM_SPLIT",
             # ascending within a position: small deltas
             f"{Columns.DRAW_IDS}.list.element": "DELTA_BINARY_PACKED",
+            **get_codec(codec).column_encodings(),
         },
         "write_statistics": [Columns.SAMPLE_ID, Columns.NUM_TOKENS, Columns.TOKEN_HASH],
     }
-
-
-def write_json_atomic(fs: Any, path: str, data: Any) -> None:
-    """Write JSON so that readers see either nothing or the whole file."""
-    write_text_atomic(fs, path, json.dumps(data, indent=2, sort_keys=True))
-
-
-def write_text_atomic(fs: Any, path: str, text: str) -> None:
-    """Write text so that readers see either nothing or the whole file."""
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        put_bytes(fs, path, text.encode())  # a single PUT is atomic on object stores; retried
 
 
 def hidden_bytes(values: np.ndarray, dtype: str) -> bytes:
@@ -121,26 +92,27 @@ class ShardWriter:
         row_group_mib: float,
         compression_level: int,
         draws: bool = False,
-        codec: str = "plain",
+        codec: str = DEFAULT_CODEC,
         hidden_layers: tuple[int, ...] = (),
         hidden_dtype: str = "float16",
     ):
         self.fs, self.root = fsspec.core.url_to_fs(root_url)
+        self.commits = CommitLog(self.fs, self.root)
         self.unit, self.k = unit, k
         self.draws = draws
         self.hidden_layers, self.hidden_dtype = tuple(hidden_layers), hidden_dtype
         self.hidden_schema = hidden_schema(self.hidden_layers) if self.hidden_layers else None
         self._hidden_writer: pq.ParquetWriter | None = None
         self._hidden_sink: pa.NativeFile | None = None
-        self.shard_bytes = int(shard_mib * _MIB)
-        self.row_group_bytes = int(row_group_mib * _MIB)
-        self.options = parquet_write_options(compression_level)
-        self.codec = codec
+        self.shard_bytes = int(shard_mib * MIB)
+        self.row_group_bytes = int(row_group_mib * MIB)
+        self.options = parquet_write_options(compression_level, codec)
+        self.codec = get_codec(codec)
         self.schema = label_schema(draws=draws, codec=codec)
         self.next_shard = first_shard
         self.next_sequence = first_sequence
         self.committed: list[ShardRecord] = []
-        self._rows: list[tuple[Sequence, SequenceLabels]] = []
+        self._rows: list[tuple[PackedSequence, SequenceLabels]] = []
         self._buffered_bytes = 0
         self._writer: pq.ParquetWriter | None = None
         self._sink: pa.NativeFile | None = None
@@ -150,8 +122,8 @@ class ShardWriter:
         self._tmp_dir = tempfile.mkdtemp(prefix="labelgen-shard-")
 
     # -- rows -------------------------------------------------------------------------
-    def add(self, seq: Sequence, labels: SequenceLabels) -> None:
-        labels.validate(len(seq.input_ids), self.k)
+    def add(self, seq: PackedSequence, labels: SequenceLabels) -> None:
+        labels.validate(len(seq.input_ids), self.k, self.draws, self.hidden_layers)
         self._rows.append((seq, labels))
         t = len(seq.input_ids)
         self._buffered_bytes += t * 5 + (t - 1) * (8 * self.k + 5) + len(seq.sample_id) + 16
@@ -209,8 +181,7 @@ class ShardWriter:
 
     def _topk_columns(self, labs: list[SequenceLabels]) -> dict[str, pa.Array]:
         """The row group's top-k columns under the job's codec, one vectorised pass."""
-        return encode_topk_columns(
-            self.codec,
+        return self.codec.encode(
             np.concatenate([lab.topk_ids.reshape(-1, self.k) for lab in labs]),
             np.concatenate([lab.topk_logprobs.reshape(-1, self.k) for lab in labs]),
             np.array([len(lab.target_logprobs) for lab in labs], np.int64),
@@ -219,11 +190,7 @@ class ShardWriter:
     def _hidden_table(self, hashes: list[int]) -> pa.Table:
         assert self.hidden_schema is not None
         seqs = [s for s, _ in self._rows]
-        labs = [lab for _, lab in self._rows]
-        for lab in labs:
-            assert lab.hidden is not None and lab.hidden_positions is not None, (
-                "teacher returned no hidden states"
-            )
+        labs = [lab for _, lab in self._rows]  # validated in add(): every row has its hidden states
         positions = [np.asarray(lab.hidden_positions, np.int32) for lab in labs]
         lengths = np.fromiter((len(p) for p in positions), np.int32, len(positions))
         offsets = np.zeros(len(positions) + 1, np.int32)
@@ -275,21 +242,6 @@ class ShardWriter:
         self._rows.clear()
         self._buffered_bytes = 0
 
-    def _publish(self, local_path: str, dest: str) -> None:
-        """Move a finished local file to ``dest`` atomically (rename, or one retried PUT)."""
-        if is_local(self.fs):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp_dest = f"{dest}.tmp-{os.getpid()}"
-            with open(local_path, "rb") as src, open(tmp_dest, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp_dest, dest)
-        else:
-            put_file(self.fs, local_path, dest)
-        os.remove(local_path)
-
     def _commit(self) -> None:
         assert self._writer is not None and self._sink is not None
         self._writer.close()
@@ -309,7 +261,7 @@ class ShardWriter:
                 "hidden_bytes": os.path.getsize(hidden_tmp),
                 "hidden_sha256": _sha256_file(hidden_tmp),
             }
-            self._publish(hidden_tmp, join_url(self.root, hidden_rel))
+            publish_file(self.fs, hidden_tmp, join_url(self.root, hidden_rel))
             self._hidden_writer = self._hidden_sink = None
         record = ShardRecord(
             path=rel,
@@ -322,8 +274,8 @@ class ShardWriter:
             **self._shard_stats,
             **hidden_fields,
         )
-        self._publish(self._tmp_path, dest)
-        write_json_atomic(self.fs, join_url(self.root, COMMITS_DIR, f"{name}.json"), asdict(record))
+        publish_file(self.fs, self._tmp_path, dest)
+        self.commits.write_shard(record)
         self.committed.append(record)
         self.next_shard += 1
         self._shard_first_sequence = self.next_sequence

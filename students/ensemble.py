@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from labelgen.contract.format import Columns, FormatError, Manifest, join_url
-from students.data import LabelStream, collate
 from students.shards import RowGroupRef, ShardReader
+from students.stream import LabelStream, collate
 
 __all__ = ["EnsembleStream", "TeacherIndex"]
 
@@ -77,7 +77,7 @@ class EnsembleStream:
     Args:
         primary: the stream that decides order, sharding and the cursor.
         others: ``[(url, manifest), ...]`` of the other teachers' complete datasets.
-        verify, cache_mib, log: as in :class:`~students.data.LabelStream`.
+        verify, cache_mib, log: as in :class:`~students.stream.LabelStream`.
     """
 
     def __init__(
@@ -93,7 +93,7 @@ class EnsembleStream:
         self.primary = primary
         self.indexes = [TeacherIndex(url, m) for url, m in others]
         self.readers = [
-            ShardReader(url, {s.path: s for s in m.shards}, m.k, verify, cache_mib, log) for url, m in others
+            ShardReader.for_manifest(url, m, verify=verify, cache_mib=cache_mib, log=log) for url, m in others
         ]
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,7 +103,12 @@ class EnsembleStream:
         self.primary.load_state_dict(state)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self.primary:
+        """The primary's batches (read in this process) with the other teachers' labels."""
+        return self.batches(iter)
+
+    def batches(self, read: Callable[[LabelStream], Iterator[dict[str, np.ndarray]]]) -> Iterator[dict]:
+        """Like iterating the ensemble, with the primary's batches from ``read(primary)``."""
+        for batch in read(self.primary):
             for j, (index, reader) in enumerate(zip(self.indexes, self.readers, strict=True), start=1):
                 batch.update(self._join(batch, j, index, reader))
             yield batch

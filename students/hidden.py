@@ -5,7 +5,8 @@ positions and one ``P x D`` little-endian blob per layer. Rows are joined to lab
 by ``(sample_id, token_hash)``, never by row position, so a reordered or partial hidden
 shard can never feed one sequence's states to another. The writer aligns row groups
 (hidden row group i holds the rows of label row group i), so one row group is read; the
-whole hidden shard is read only if a key is missing there.
+whole hidden shard is read only if a key is missing there. Hidden shards are checksum
+verified like label shards (:meth:`students.shards.ShardReader.open_verified`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen.contract.format import Columns, FormatError, Manifest, join_url
-from students.shards import RowGroupRef, Rows
+from students.shards import RowGroupRef, Rows, ShardReader
 
 __all__ = ["HiddenRows", "read_hidden", "decode_hidden"]
 
@@ -55,11 +56,17 @@ def decode_hidden(blob: bytes, dtype: str, count: int) -> np.ndarray:
     return flat.reshape(count, -1) if count else flat.reshape(0, 0)
 
 
-def read_hidden(url: str, manifest: Manifest, ref: RowGroupRef, rows: Rows) -> HiddenRows:
+def read_hidden(
+    url: str, manifest: Manifest, ref: RowGroupRef, rows: Rows, reader: ShardReader | None = None
+) -> HiddenRows | None:
     """Hidden states of the rows of label row group ``ref``, joined by sample_id + token_hash.
+
+    With ``reader`` the hidden shard is checksum-verified under its policy (None: the
+    shard failed under 'skip'); without, it is read unverified.
 
     Raises:
         FormatError: the dataset has no hidden product, or a label row has no hidden row.
+        ChecksumError: the hidden shard's size or sha256 differ from its record ('error').
     """
     product = manifest.products.get("hidden")
     record = next((s for s in manifest.shards if s.path == ref.shard), None)
@@ -68,9 +75,12 @@ def read_hidden(url: str, manifest: Manifest, ref: RowGroupRef, rows: Rows) -> H
     layers = tuple(int(x) for x in product["layers"])
     fs, root = fsspec.core.url_to_fs(url)
     path = join_url(root, record.hidden_path)
-    assert rows.token_hashes is not None
+    source = reader.open_verified(record.hidden_path) if reader is not None else fs.open(path, "rb")
+    if source is None:
+        return None
+    assert rows.token_hashes is not None  # decode_rows always fills them
     keys = list(zip(rows.sample_ids, rows.token_hashes.tolist(), strict=True))
-    with fs.open(path, "rb") as f:
+    with source as f:
         parquet = pq.ParquetFile(f)
         table = parquet.read_row_group(ref.row_group) if ref.row_group < parquet.num_row_groups else None
         index = _index(table) if table is not None else {}

@@ -19,7 +19,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from labelgen.contract.format import Columns, join_url, read_manifest
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import Columns, join_url
 from students.shards import RowGroupRef, ShardReader
 
 __all__ = ["shard_files", "to_hf_iterable", "hf_features"]
@@ -52,7 +53,7 @@ def hf_features(draws: bool = False) -> Any:
 
 def _decoded_rows(url: str, refs: list[tuple[str, int]], verify: str) -> Iterator[dict[str, Any]]:
     manifest = read_manifest(url)
-    reader = ShardReader(url, {s.path: s for s in manifest.shards}, manifest.k, verify=verify)
+    reader = ShardReader.for_manifest(url, manifest, verify=verify)
     for shard, row_group in refs:
         rows = reader.read(RowGroupRef(shard, row_group))
         if rows is None:

@@ -1,13 +1,18 @@
-"""The PyTorch side of the reader: an IterableDataset over a LabelStream, for DataLoader workers.
+"""Batches of any label stream, in DataLoader worker processes where the stream asks for them.
 
-``DataLoader(LabelDataset(stream), num_workers=stream.num_workers, batch_size=None)``
-yields ``(batch, meta)``: ``batch`` is a dict of tensors (shapes in
-:func:`students.data.collate`), ``meta`` is ``{"worker", "cursor", "skipped"}``. Pass each
-``meta`` to ``stream.observe(meta)``; ``stream.state_dict()`` is then exact. PyTorch
-interleaves workers round-robin (in order), so a loader built after
+:func:`make_loader` is how training reads data: for a :class:`~students.stream.LabelStream`
+with ``num_workers > 0`` it runs ``DataLoader(LabelDataset(stream), num_workers=W,
+batch_size=None)`` and passes each batch's cursor to ``stream.observe``, so
+``stream.state_dict()`` stays exact; with ``num_workers == 0`` the stream reads in this
+process; a :class:`~students.mixture.MixtureStream` or
+:class:`~students.ensemble.EnsembleStream` reads each of its components through
+:func:`make_loader` in turn. Batches are dicts of numpy arrays (shapes in
+:func:`students.stream.collate`).
+
+``LabelDataset`` yields ``(batch, meta)`` with ``meta = {"worker", "cursor", "skipped"}``.
+PyTorch interleaves workers round-robin (in order), so a loader built after
 ``stream.load_state_dict(...)`` gives DataLoader worker ``w`` the logical worker
 ``(next_worker + w) % W`` and resumes with the exact next batch.
-:meth:`students.data.LabelStream.__iter__` does all of this when ``num_workers > 0``.
 """
 
 from __future__ import annotations
@@ -16,13 +21,18 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from students.data import LabelStream
+from students.ensemble import EnsembleStream
+from students.mixture import MixtureStream
+from students.stream import LabelStream
 
-__all__ = ["LabelDataset", "make_loader"]
+__all__ = ["LabelDataset", "make_loader", "make_dataloader"]
+
+Batch = dict[str, np.ndarray]
 
 
 class LabelDataset(IterableDataset):
@@ -56,8 +66,9 @@ class LabelDataset(IterableDataset):
             yield {key: torch.from_numpy(value) for key, value in batch.items()}, meta
 
 
-def make_loader(stream: LabelStream, **kwargs: Any) -> DataLoader:
-    """A DataLoader over ``stream`` with its ``num_workers`` (in-order, no auto-batching)."""
+def make_dataloader(stream: LabelStream, **kwargs: Any) -> DataLoader:
+    """A DataLoader over ``stream`` with its ``num_workers`` (in-order, no auto-batching);
+    it yields ``(batch of tensors, meta)``: pass each ``meta`` to ``stream.observe``."""
     workers = stream.num_workers
     options: dict[str, Any] = {"num_workers": workers, "batch_size": None, "in_order": True}
     if workers > 0:
@@ -65,3 +76,18 @@ def make_loader(stream: LabelStream, **kwargs: Any) -> DataLoader:
         options["prefetch_factor"] = max(stream.prefetch, 1)
     options.update(kwargs)
     return DataLoader(LabelDataset(stream), **options)
+
+
+def make_loader(stream: LabelStream | MixtureStream | EnsembleStream) -> Iterator[Batch]:
+    """The batches of ``stream`` from its cursor on, read where the stream asks (module doc)."""
+    if isinstance(stream, MixtureStream | EnsembleStream):
+        return stream.batches(make_loader)
+    if stream.num_workers == 0:
+        return iter(stream)
+    return _observed(stream)
+
+
+def _observed(stream: LabelStream) -> Iterator[Batch]:
+    for batch, meta in make_dataloader(stream):
+        stream.observe(meta)
+        yield {key: value.numpy() for key, value in batch.items()}

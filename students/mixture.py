@@ -16,13 +16,14 @@ from the batch's ``topk_ids`` shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from labelgen.contract.format import FormatError, Manifest, read_manifest
-from students.data import LabelStream
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import FormatError, Manifest
+from students.stream import LabelStream
 
 __all__ = ["MixtureStream", "MixtureError", "check_compatible", "open_mixture"]
 
@@ -127,12 +128,18 @@ class MixtureStream:
         self.step, self.exhausted = int(state["step"]), set(state["exhausted"])
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Batches (shapes in :func:`students.data.collate`) plus ``dataset`` (0-d int64)."""
+        """Batches (shapes in :func:`students.stream.collate`) plus ``dataset`` (0-d int64),
+        each component read in this process (:func:`students.loader.make_loader` reads
+        components with DataLoader workers through :meth:`batches`)."""
+        return self.batches(iter)
+
+    def batches(self, read: Callable[[LabelStream], Iterator[dict[str, np.ndarray]]]) -> Iterator[dict]:
+        """Like iterating the mixture, with component ``i``'s batches from ``read(streams[i])``."""
         iterators: dict[int, Iterator[dict[str, np.ndarray]]] = {}
         try:
             while (i := self.pick(self.step, self.exhausted)) is not None:
                 if i not in iterators:
-                    iterators[i] = iter(self.streams[i])
+                    iterators[i] = read(self.streams[i])
                 try:
                     batch = next(iterators[i])
                 except StopIteration:

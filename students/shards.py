@@ -3,22 +3,20 @@
 A :class:`ShardReader` reads one (shard, row group) at a time. With verification on
 (``verify="error"`` or ``"skip"``) the first touch of a shard in a process reads the
 whole file once, checks its byte size and sha256 against the shard record (from the
-manifest, or from ``_commits/`` while a job is still writing) and keeps the verified
+manifest, or from the commit log while a job is still writing) and keeps the verified
 bytes in a bounded LRU buffer, so further row groups of that shard are served from
 memory; a shard evicted from the buffer is re-read by row group (range reads) and not
 hashed again, nor by later readers in the same process (evaluation streams).
 ``verify="off"`` always reads by row group. Row groups are decoded
 zero-copy to numpy (flat list columns + offsets), never through Python objects.
 
-This module also reads the commit records of a dataset that is still being written
-(the same ``_commits/part-*.json`` files ``labelgen.runner`` writes), using only the
-contract's names.
+Hidden-state shards are verified the same way (:meth:`ShardReader.open_verified`).
+Each row group is decoded with the dataset's codec (:mod:`labelgen.contract.codecs`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -32,17 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import (
-    COMMITS_DIR,
-    MANIFEST_NAME,
-    Columns,
-    FormatError,
-    Manifest,
-    ShardRecord,
-    decode_topk_table,
-    join_url,
-    list_fresh,
-)
+from labelgen.contract.codecs import Codec, codec_for_columns, get_codec
+from labelgen.contract.format import Columns, FormatError, Manifest, ShardRecord, join_url
+from labelgen.contract.storage import MIB
 
 __all__ = [
     "VERIFY_POLICIES",
@@ -51,14 +41,10 @@ __all__ = [
     "Rows",
     "ShardReader",
     "decode_rows",
-    "infer_k",
-    "read_commit_records",
-    "read_manifest_if_complete",
 ]
 
 VERIFY_POLICIES = ("error", "skip", "off")
-_MIB = 1 << 20
-logger = logging.getLogger("students.data")
+logger = logging.getLogger("students.stream")
 
 
 _VERIFIED: set[tuple[str, str, str]] = set()  # (dataset root, shard path, sha256) hashed in this process
@@ -106,11 +92,11 @@ def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values[offsets[0] : offsets[-1]]
 
 
-def decode_rows(table: pa.Table, k: int) -> Rows:
-    """A label shard table (any codec) → :class:`Rows` (numpy views where Arrow allows)."""
+def decode_rows(table: pa.Table, k: int, codec: Codec) -> Rows:
+    """A label shard table stored with ``codec`` → :class:`Rows` (numpy views where Arrow allows)."""
     tok_off, ids = _flat(table, Columns.INPUT_IDS)
     lab_off, mask = _flat(table, Columns.LABEL_MASK)
-    top_ids, top_lps = decode_topk_table(table, k)
+    top_ids, top_lps = codec.decode(table, k)
     _, tgt = _flat(table, Columns.TARGET_LOGPROBS)
     draws: dict[str, Any] = {}
     if Columns.DRAW_NUM in table.column_names:
@@ -138,50 +124,20 @@ def decode_rows(table: pa.Table, k: int) -> Rows:
     )
 
 
-def infer_k(table: pa.Table, where: str) -> int:
-    """The top-k width of a shard table: top-k values per label position."""
-    positions = table.column(Columns.LABEL_MASK).combine_chunks().values
-    name = Columns.TOPK_IDS if Columns.TOPK_IDS in table.column_names else Columns.TOPK_ID_DELTAS
-    values = table.column(name).combine_chunks().values
-    if len(positions) == 0 or len(values) % len(positions):
-        raise FormatError(f"{where}: cannot infer k ({len(values)} top-k values, {len(positions)} positions)")
-    return len(values) // len(positions)
-
-
-def read_commit_records(fs: Any, root: str) -> list[ShardRecord]:
-    """Committed shard records under ``<root>/_commits`` sorted by (unit, shard index).
-
-    Records are written atomically after their shard, so every listed shard is complete.
-    Temporary files (``*.json.tmp-PID``) and unit records are ignored.
-    """
-    records = []
-    for path in list_fresh(fs, join_url(root, COMMITS_DIR), "part-"):
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".json"):
-            with fs.open(path, "r") as f:
-                records.append(ShardRecord(**json.load(f)))
-    records.sort(key=lambda r: (r.unit, r.index))
-    return records
-
-
-def read_manifest_if_complete(fs: Any, root: str) -> Manifest | None:
-    """The manifest if the dataset is complete (``manifest.json`` present), else None."""
-    path = join_url(root, MANIFEST_NAME)
-    try:
-        with fs.open(path, "r") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    return Manifest.from_json(text, where=path)
-
-
 class ShardReader:
-    """Reads and decodes row groups of one dataset, verifying each shard once per process.
+    """Reads and decodes row groups of one dataset, verifying each file once per process.
+
+    Label shards and their hidden-state shards are verified alike: size and sha256
+    against the shard record, under the same policy.
 
     Args:
         url: dataset URL (any fsspec URL).
-        records: shard path → its record (expected ``bytes`` and ``sha256``).
-        k: top-k width of the dataset (None: inferred per row group, for datasets being written).
+        records: label shard path → its record (expected ``bytes`` and ``sha256``, and the
+            hidden shard's ``hidden_bytes`` and ``hidden_sha256``). A follower adds records
+            to this dict as they are committed.
+        k: top-k width of the dataset (None: read off each row group, for a dataset whose
+            writer recorded no job record).
+        codec: the dataset's top-k codec name (None: recognised by its columns, likewise).
         verify: 'error' (raise :class:`ChecksumError`), 'skip' (log, count, skip the
             shard's rows) or 'off' (no hashing; range reads).
         cache_mib: LRU buffer of verified shard bytes, in MiB.
@@ -193,6 +149,7 @@ class ShardReader:
         url: str,
         records: dict[str, ShardRecord],
         k: int | None,
+        codec: str | None = None,
         verify: str = "error",
         cache_mib: float = 512,
         log: Callable[[str], None] | None = None,
@@ -202,17 +159,24 @@ class ShardReader:
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.records, self.k, self.verify = records, k, verify
-        self.cache_bytes = int(cache_mib * _MIB)
+        self.codec: Codec | None = get_codec(codec) if codec is not None else None
+        self.cache_bytes = int(cache_mib * MIB)
         self.log = log or logger.warning
         self.verified: set[str] = set()
-        self.skipped: list[str] = []  # shard paths skipped by verify='skip', in order seen
+        self.skipped: list[str] = []  # file paths skipped by verify='skip', in order seen
+        self._hidden_records: dict[str, ShardRecord] = {}  # hidden path -> its label shard's record
         self._buffers: OrderedDict[str, bytes] = OrderedDict()
         self._metadata: dict[str, pq.FileMetaData] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[str, tuple[Future, bytes]] = {}  # shards whose hash is running
-        self._verdicts: dict[str, bool] = {}  # shard -> verified (True) or rejected (False)
+        self._pending: dict[str, tuple[Future, bytes]] = {}  # files whose hash is running
+        self._verdicts: dict[str, bool] = {}  # file -> verified (True) or rejected (False)
         self._lock = threading.RLock()  # the consumer settles, the prefetch thread reads
         self.hashed_bytes = 0  # bytes read whole and hashed (verification cost)
+
+    @classmethod
+    def for_manifest(cls, url: str, manifest: Manifest, **options: Any) -> ShardReader:
+        """A reader of the complete dataset ``manifest`` describes (options: verify, cache_mib, log)."""
+        return cls(url, {s.path: s for s in manifest.shards}, manifest.k, manifest.codec, **options)
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers start with empty caches
         state = dict(self.__dict__)
@@ -246,17 +210,11 @@ class ShardReader:
         any of the rows out.
         """
         path = join_url(self.root, ref.shard)
-        verdict = self._verdicts.get(ref.shard)
-        if verdict is None and self._key(ref.shard) in _VERIFIED:  # another reader of this process
-            verdict = True
+        verdict = self._verdict(ref.shard)
         if verdict is False:
             return None, None
         if self.verify == "off" or verdict is True:
-            with self._lock:
-                data = self._buffers.get(ref.shard)
-                if data is not None:
-                    self._buffers.move_to_end(ref.shard)
-            return self._decode(ref, path, None if data is None else pa.BufferReader(data)), None
+            return self._decode(ref, path, self._buffered(ref.shard)), None
         if ref.shard not in self._pending:
             started = self._start(ref.shard, path)
             if started is None:
@@ -271,16 +229,62 @@ class ShardReader:
             return None, None
         return rows, lambda: self._settle(ref.shard)
 
-    def _key(self, shard: str) -> tuple[str, str, str]:
-        record = self.records.get(shard)
-        return (f"{self.fs.protocol}:{self.root}", shard, record.sha256 if record else "")
+    def open_verified(self, file: str) -> Any | None:
+        """A readable file object for ``file`` (a dataset path: label or hidden shard) after
+        verifying it against its record, synchronously; None if rejected under 'skip'.
 
-    def _start(self, shard: str, path: str) -> tuple[Future, bytes] | None:
-        """Read a shard whole, check its size, start its hash. None: rejected ('skip')."""
-        record = self.records.get(shard)
-        if record is None:
+        Raises:
+            ChecksumError: the file's size or sha256 differ from its record ('error').
+        """
+        path = join_url(self.root, file)
+        verdict = self._verdict(file)
+        if verdict is False:
+            return None
+        if self.verify != "off" and verdict is None:
+            started = self._start(file, path)
+            if started is None:
+                return None
+            self._pending[file] = started
+            if not self._settle(file):
+                return None
+        buffered = self._buffered(file)
+        return buffered if buffered is not None else self.fs.open(path, "rb")
+
+    def _verdict(self, file: str) -> bool | None:
+        verdict = self._verdicts.get(file)
+        if verdict is None and self._key(file) in _VERIFIED:  # another reader of this process
+            return True
+        return verdict
+
+    def _buffered(self, file: str) -> pa.BufferReader | None:
+        with self._lock:
+            data = self._buffers.get(file)
+            if data is not None:
+                self._buffers.move_to_end(file)
+        return None if data is None else pa.BufferReader(data)
+
+    def _expected(self, file: str) -> tuple[int, str, int] | None:
+        """(bytes, sha256, rows) a file's record promises; None if it has no record."""
+        record = self.records.get(file)
+        if record is not None:
+            return record.bytes, record.sha256, record.rows
+        if file not in self._hidden_records:  # records may have been added (follow mode)
+            self._hidden_records = {r.hidden_path: r for r in self.records.values() if r.hidden_path}
+        record = self._hidden_records.get(file)
+        if record is not None:
+            return record.hidden_bytes, record.hidden_sha256, record.rows
+        return None
+
+    def _key(self, file: str) -> tuple[str, str, str]:
+        expected = self._expected(file)
+        return (f"{self.fs.protocol}:{self.root}", file, expected[1] if expected else "")
+
+    def _start(self, file: str, path: str) -> tuple[Future, bytes] | None:
+        """Read a file whole, check its size, start its hash. None: rejected ('skip')."""
+        expected = self._expected(file)
+        if expected is None:
             raise FormatError(
-                f"{path} has no shard record (manifest or _commits), so it cannot be verified; "
+                f"{path} has no shard record (manifest or commit log), so it cannot be verified; "
                 "pass verify='off' to read it unverified"
             )
         try:
@@ -288,30 +292,30 @@ class ShardReader:
         except OSError as exc:
             raise FormatError(f"cannot read {path}: {exc}") from exc
         self.hashed_bytes += len(data)
-        if len(data) != record.bytes:
-            self._reject(
-                shard, f"is {len(data)} bytes, its record says {record.bytes} (truncated or replaced)"
-            )
+        if len(data) != expected[0]:
+            self._reject(file, f"is {len(data)} bytes, its record says {expected[0]} (truncated or replaced)")
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
         return self._pool.submit(lambda: hashlib.sha256(data).hexdigest()), data
 
-    def _settle(self, shard: str) -> bool:
-        """Wait for a shard's hash; apply the policy once. True: verified."""
+    def _settle(self, file: str) -> bool:
+        """Wait for a file's hash; apply the policy once. True: verified."""
         with self._lock:
-            if shard in self._verdicts:
-                return self._verdicts[shard]
-            future, data = self._pending.pop(shard)
-            actual, expected = future.result(), self.records[shard].sha256
-            if actual != expected:
-                self._reject(shard, f"has sha256 {actual}, its record says {expected} (corrupt)")
+            if file in self._verdicts:
+                return self._verdicts[file]
+            future, data = self._pending.pop(file)
+            expected = self._expected(file)
+            assert expected is not None  # _start refused files without a record
+            actual = future.result()
+            if actual != expected[1]:
+                self._reject(file, f"has sha256 {actual}, its record says {expected[1]} (corrupt)")
                 return False
-            self._verdicts[shard] = True
-            self.verified.add(shard)
-            _VERIFIED.add(self._key(shard))
+            self._verdicts[file] = True
+            self.verified.add(file)
+            _VERIFIED.add(self._key(file))
             if len(data) <= self.cache_bytes:
-                self._buffers[shard] = data
+                self._buffers[file] = data
                 while sum(len(b) for b in self._buffers.values()) > self.cache_bytes:
                     self._buffers.popitem(last=False)
             return True
@@ -330,15 +334,18 @@ class ShardReader:
                 table = parquet.read_row_group(ref.row_group)  # threads: capped per DataLoader worker
         except (OSError, pa.ArrowException) as exc:
             raise FormatError(f"cannot read row group {ref.row_group} of {path}: {exc}") from exc
-        return decode_rows(table, self.k or infer_k(table, path))
+        codec = self.codec or codec_for_columns(table.column_names)
+        return decode_rows(table, self.k or codec.infer_k(table, path), codec)
 
-    def _reject(self, shard: str, problem: str) -> None:
-        """Apply the policy to a shard that failed verification (raise, or log + count)."""
-        message = f"shard {join_url(self.root, shard)} {problem}"
-        self._verdicts[shard] = False
+    def _reject(self, file: str, problem: str) -> None:
+        """Apply the policy to a file that failed verification (raise, or log + count)."""
+        message = f"shard {join_url(self.root, file)} {problem}"
+        self._verdicts[file] = False
         if self.verify == "error":
             raise ChecksumError(
                 f"{message}; re-run the labeling job to rewrite it, or pass verify='skip' to train without it"
             )
-        self.skipped.append(shard)
-        self.log(f"{message}; skipping its {self.records[shard].rows} rows (verify='skip')")
+        self.skipped.append(file)
+        expected = self._expected(file)
+        rows = expected[2] if expected else 0
+        self.log(f"{message}; skipping its {rows} rows (verify='skip')")

@@ -28,23 +28,18 @@ import numpy as np
 import torch
 import yaml
 
+from labelgen.contract.commits import CommitLog
 from labelgen.contract.configs import config_to_dict
-from labelgen.contract.format import (
-    COMMITS_DIR,
-    TOKENIZER_RECORD,
-    FormatError,
-    Manifest,
-    join_url,
-    tokenizer_fingerprint,
-)
+from labelgen.contract.dataset import read_manifest_if_complete
+from labelgen.contract.format import FormatError, Manifest, tokenizer_fingerprint
 from students.chunked_loss import chunked_kd_loss
 from students.config import LossConfig, StageConfig, TrainConfig
-from students.data import LabelStream, open_dataset, row_group_refs
 from students.ensemble import EnsembleStream
 from students.hidden_losses import HiddenStateDistiller
+from students.loader import make_loader
 from students.losses import bucket_kl, kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
 from students.mixture import MixtureStream
-from students.shards import read_manifest_if_complete
+from students.stream import LabelStream, open_dataset, row_group_refs
 
 __all__ = ["Trainer", "TokenizerMismatchError", "check_tokenizer", "load_student"]
 
@@ -98,16 +93,14 @@ def load_student(cfg: TrainConfig, seed: int) -> tuple[Any, Any, str]:
 
 
 def _pending_tokenizer(fs: Any, root: str, url: str) -> dict[str, Any]:
-    """The tokenizer record of a job that is still writing ``url`` (``_commits/tokenizer.json``,
-    written before the first shard)."""
-    path = join_url(root, COMMITS_DIR, TOKENIZER_RECORD)
-    if not fs.exists(path):
+    """The tokenizer record of a job that is still writing ``url`` (written before the first shard)."""
+    record = CommitLog(fs, root).tokenizer()
+    if record is None:
         raise FormatError(
-            f"{url} has no manifest and no {COMMITS_DIR}/{TOKENIZER_RECORD}: it is not a labeling job's "
-            "output (or the job has not started); check data.url"
+            f"{url} has no manifest and no tokenizer record: it is not a labeling job's output (or the "
+            "job has not started); check data.url"
         )
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    return record
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -418,7 +411,7 @@ class Trainer:
             if index in self._data_states:
                 self._stream.load_state_dict(self._data_states[index])
             self._stream_stage = index
-            self._batches = iter(self._stream)
+            self._batches = make_loader(self._stream)
         return self._stream
 
     def temperature(self, stage: StageConfig, in_stage: int) -> float:
@@ -441,7 +434,7 @@ class Trainer:
         stage: int = 0,
     ) -> dict[str, torch.Tensor]:
         """KD, CE (and hidden-state) terms and the mixed loss for one batch of stage ``stage``
-        (shapes in students.data.collate)."""
+        (shapes in students.stream.collate)."""
         loss = loss or self.stages[stage].loss
         assert loss is not None
         if temperature is None:

@@ -18,7 +18,7 @@ import torch
 
 from labelgen.contract.configs import ConfigError
 from students.config import load_train_config
-from students.data import LabelStream, open_dataset
+from students.stream import LabelStream, open_dataset
 from students.trainer import Trainer
 
 

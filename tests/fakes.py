@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labelgen.teacher import SequenceLabels
+from labelgen.labels import SequenceLabels
 
 
 class FakeTeacher:

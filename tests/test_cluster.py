@@ -23,14 +23,15 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import s3_server
-from s3_server import upload_dir
 
-from conftest import dataset_rows, make_spec, write_spec
+import s3_server
+from helpers import dataset_rows, make_spec, write_spec
 from labelgen.contract.configs import load_config
-from labelgen.contract.format import COMMITS_DIR, MANIFEST_NAME, read_manifest
-from labelgen.runner import PROGRESS_NAME
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import COMMITS_DIR, MANIFEST_NAME
+from labelgen.progress import PROGRESS_NAME
 from labelgen.spec import JobSpec
+from s3_server import upload_dir
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray", reason="needs `pip install 'labelgen[ray]'`")
@@ -68,7 +69,7 @@ def small_corpus(tmp_path_factory, texts) -> Path:
     Big enough that a job is still running seconds after its first commit, when the
     tests kill a replica or stop the driver.
     """
-    from labelgen.tiny import write_jsonl_corpus
+    from labelgen.testing import write_jsonl_corpus
 
     out = tmp_path_factory.mktemp("small-corpus")
     per = len(texts) // UNITS

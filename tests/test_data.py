@@ -8,9 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from labelgen.contract.format import FormatError, read_manifest
-from students.data import ChecksumError, LabelStream, Rows, collate, row_group_refs
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import FormatError
+from students.loader import make_loader
 from students.shards import RowGroupRef, ShardReader
+from students.stream import ChecksumError, LabelStream, Rows, collate, row_group_refs
 
 
 def stream(url, **kw) -> LabelStream:
@@ -111,7 +113,7 @@ def test_workers_split_and_resume_exactly_with_a_dataloader(fake_labels):
     order = s.order(0)
     assert s.worker_units(0, 0) == order[2::8] and s.worker_units(0, 1) == order[3::8]  # g = rank * 2 + w
     ref_stream = stream(fake_labels, loop=False, **kw)
-    ref = list(ref_stream)
+    ref = list(make_loader(ref_stream))
     mine = {u for w in (0, 1) for u in ref_stream.worker_units(0, w)}
     m = read_manifest(fake_labels)
     expected_rows = sum(
@@ -120,22 +122,22 @@ def test_workers_split_and_resume_exactly_with_a_dataloader(fake_labels):
     assert sum(len(b["input_ids"]) for b in ref) == expected_rows < m.totals["rows"]
     for cut in (3, len(ref) - 4):
         first = stream(fake_labels, loop=False, **kw)
-        it = iter(first)
+        it = make_loader(first)
         take(it, cut)
         state = first.state_dict()
         del it
         resumed = stream(fake_labels, loop=False, **kw)
         resumed.load_state_dict(state)
-        assert_same(ref[cut:], list(resumed))
-    looping = take(iter(stream(fake_labels, **kw)), len(ref) + 6)  # into epoch 1
+        assert_same(ref[cut:], list(make_loader(resumed)))
+    looping = take(make_loader(stream(fake_labels, **kw)), len(ref) + 6)  # into epoch 1
     first = stream(fake_labels, **kw)
-    it = iter(first)
+    it = make_loader(first)
     take(it, len(ref) - 2)
     state = first.state_dict()
     del it
     resumed = stream(fake_labels, **kw)
     resumed.load_state_dict(state)
-    assert_same(looping[len(ref) - 2 :], take(iter(resumed), 8))
+    assert_same(looping[len(ref) - 2 :], take(make_loader(resumed), 8))
 
 
 def test_resume_refuses_a_different_sharding(fake_labels):

@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_spec
 from fakes import FakeTeacher
+from helpers import make_spec
 from labelgen.contract.configs import load_config
-from labelgen.contract.format import MANIFEST_NAME, read_manifest
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import MANIFEST_NAME
 from labelgen.runner import run_job
 from labelgen.spec import JobSpec
-from students.data import LabelStream
+from students.stream import LabelStream
 
 
 class GatedTeacher(FakeTeacher):

@@ -7,16 +7,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_spec
 from fakes import FakeTeacher
+from helpers import make_spec
+from labelgen.contract.codecs import get_codec
 from labelgen.contract.configs import load_config
-from labelgen.contract.format import Columns, read_manifest
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import Columns
 from labelgen.runner import run_job
 from labelgen.spec import JobSpec
-from students.data import LabelStream, row_group_refs
 from students.hidden import read_hidden
 from students.interop import shard_files, to_hf_iterable
 from students.shards import ShardReader
+from students.stream import LabelStream, row_group_refs
 
 
 def label(teacher_dir, corpus_dir, out, teacher=None, **sections) -> str:
@@ -47,7 +49,7 @@ def test_hf_load_dataset_reads_the_shards(fake_labels, compact_labels, which, tm
     m = read_manifest(url)
     ds = load_dataset("parquet", data_files=shard_files(url), split="train", cache_dir=str(tmp_path))
     assert ds.num_rows == m.totals["rows"]
-    raw = Columns.TOPK_IDS if which == "plain" else Columns.TOPK_ID_DELTAS  # compact: raw columns
+    raw = get_codec(m.codec).columns[0]  # a compact codec's raw (encoded) columns
     assert raw in ds.column_names and Columns.INPUT_IDS in ds.column_names
     assert len(ds[0][raw]) == (ds[0][Columns.NUM_TOKENS] - 1) * m.k
 

@@ -8,14 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import make_spec
 from fakes import FakeTeacher
+from helpers import make_spec
 from labelgen.contract.configs import load_config
-from labelgen.contract.format import read_manifest
+from labelgen.contract.dataset import read_manifest
 from labelgen.runner import run_job
 from labelgen.spec import JobSpec
-from students.data import LabelStream
 from students.mixture import MixtureError, MixtureStream, open_mixture
+from students.stream import LabelStream
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import yaml
 from test_trainer import config as student_config
 from test_trainer import config_dict
 
-from labelgen.contract.format import read_manifest
+from labelgen.contract.dataset import read_manifest
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_integration import cli
 
-from conftest import dataset_rows, make_spec, write_spec
-from labelgen.contract.format import read_manifest
+from helpers import dataset_rows, make_spec, write_spec
+from labelgen.contract.dataset import read_manifest
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dataset_rows, make_spec, write_spec
-from labelgen.contract.format import COMMITS_DIR, read_manifest
+from helpers import dataset_rows, make_spec, write_spec
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import COMMITS_DIR
 from students.config import TrainConfig
 
 pytestmark = pytest.mark.integration
@@ -168,7 +169,7 @@ def test_kd_student_ends_closer_to_the_teacher_than_ce_student(vllm_job, teacher
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     trainer = runs["kd"][0]
     eval_url, eval_manifest, eval_refs = trainer.eval_args
-    from students.data import LabelStream
+    from students.stream import LabelStream
 
     kl = {"kd": 0.0, "ce": 0.0}
     positions = 0.0

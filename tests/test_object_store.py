@@ -11,17 +11,21 @@ import logging
 
 import fsspec
 import pytest
-import s3_server
-from s3_server import upload_dir
 
-from conftest import dataset_rows, make_spec
+import s3_server
 from fakes import FakeTeacher
-from labelgen import object_store
+from helpers import dataset_rows, make_spec
+from labelgen import credentials
+from labelgen.contract import storage
+from labelgen.contract.commits import CommitLog
 from labelgen.contract.configs import ConfigError, load_config
-from labelgen.contract.format import COMMITS_DIR, read_manifest
-from labelgen.object_store import check_url, find_secrets, retry, url_problem
-from labelgen.runner import read_commits, run_job
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import COMMITS_DIR
+from labelgen.contract.storage import retry
+from labelgen.credentials import check_url, find_secrets, url_problem
+from labelgen.runner import run_job
 from labelgen.spec import JobSpec
+from s3_server import upload_dir
 
 s3_endpoint = s3_server.s3_endpoint  # fixtures
 bucket = s3_server.bucket
@@ -43,7 +47,7 @@ def test_urls_with_credentials_are_refused_without_echoing_the_secret(tmp_path):
     assert url_problem("s3://bucket/labels") is None and url_problem("/data/x.jsonl") is None
     assert "embeds credentials" in url_problem(f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/x")
     assert "signature" in url_problem("https://host/c.jsonl?X-Amz-Signature=abc&X-Amz-Credential=k")
-    with pytest.raises(object_store.CredentialError, match="output.url"):
+    with pytest.raises(credentials.CredentialError, match="output.url"):
         check_url("gs://user:pw@bucket/x", "output.url")
     raw = make_spec(teacher_dir, corpus_dir, f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/labels")
     raw["corpus"]["sources"].append("https://example.com/c.jsonl?sig=abc")
@@ -79,7 +83,7 @@ def test_retry_backs_off_logs_and_gives_up(caplog):
             raise ConnectionError("connection reset")
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="labelgen.object_store"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.storage"):
         assert retry(flaky, "upload x", sleep=delays.append) == "ok"
     assert len(calls) == 3 and len(delays) == 2 and delays[1] > delays[0] > 0
     assert [r.getMessage().split(" failed")[0] for r in caplog.records] == ["upload x", "upload x"]
@@ -126,7 +130,7 @@ class Flaky:
 
         monkeypatch.setattr(fs, "put_file", put_file)
         monkeypatch.setattr(fs, "pipe_file", pipe_file)
-        monkeypatch.setattr(object_store, "_sleep", lambda s: None)
+        monkeypatch.setattr(storage, "_sleep", lambda s: None)
 
     def _maybe_fail(self, path: str) -> None:
         if self.only not in path:
@@ -165,7 +169,7 @@ def test_s3_corpus_and_output_give_the_local_dataset_with_no_secrets(
             assert "testing" not in text and "AWS_" not in text, f"{path} mentions credentials"
             if path.endswith(".json"):
                 assert list(find_secrets(json.loads(text))) == [], path
-    from students.data import LabelStream, row_group_refs
+    from students.stream import LabelStream, row_group_refs
 
     batch = next(iter(LabelStream(out, m, row_group_refs(m), 4, shuffle=False, loop=False)))
     assert batch["topk_ids"].shape[-1] == spec.labels.k
@@ -177,7 +181,7 @@ def test_transient_store_errors_are_retried_and_the_dataset_is_whole(
 ):
     flaky = Flaky(monkeypatch, every=3)
     spec = spec_for(teacher_dir, f"{corpus_dir}/*.jsonl", f"{bucket}/flaky")
-    with caplog.at_level(logging.WARNING, logger="labelgen.object_store"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.storage"):
         run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
     assert flaky.failures >= 5
     assert sum("retry 1/4" in r.getMessage() for r in caplog.records) == flaky.failures
@@ -194,10 +198,10 @@ def test_a_shard_that_cannot_be_uploaded_is_never_visible_and_a_rerun_finishes(
         flaky = Flaky(patch, every=1, only="/shards/part-00000-00001")
         with pytest.raises(ConnectionError, match="injected failure"):
             run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
-        assert flaky.failures == object_store.RETRY_ATTEMPTS
+        assert flaky.failures == storage.RETRY_ATTEMPTS
     fs, root = fsspec.core.url_to_fs(out)
     fs.invalidate_cache()
-    shards, units = read_commits(fs, root)
+    shards, units = CommitLog(fs, root).committed()
     assert [s.path for s in shards] == ["shards/part-00000-00000.parquet"] and units == {}
     assert not fs.exists(f"{root}/shards/part-00000-00001.parquet")
     assert not fs.exists(f"{root}/{COMMITS_DIR}/part-00000-00001.json")

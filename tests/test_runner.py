@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_spec
 from fakes import FakeTeacher
+from helpers import make_spec
 from labelgen.contract.configs import load_config
-from labelgen.contract.format import Columns, read_manifest, token_hash
+from labelgen.contract.dataset import read_manifest
+from labelgen.contract.format import Columns, token_hash
 from labelgen.corpus import CorpusError
 from labelgen.provenance import ModelPathError
 from labelgen.runner import JobError, run_job
@@ -131,7 +132,7 @@ def test_bad_paths_fail_before_the_model_loads(teacher_dir, corpus_dir, tmp_path
 
 def test_draws_and_hidden_products_round_trip(teacher_dir, corpus_dir, tmp_path):
     from labelgen.contract.format import Columns as C
-    from students.data import LabelStream, row_group_refs
+    from students.stream import LabelStream, row_group_refs
 
     spec = job(
         teacher_dir,
@@ -162,7 +163,7 @@ def test_draws_and_hidden_products_round_trip(teacher_dir, corpus_dir, tmp_path)
 
 
 def test_compact_codec_is_decoded_transparently(teacher_dir, corpus_dir, tmp_path):
-    from students.data import LabelStream, row_group_refs
+    from students.stream import LabelStream, row_group_refs
 
     plain = job(teacher_dir, corpus_dir, tmp_path / "plain")
     compact = job(teacher_dir, corpus_dir, tmp_path / "compact", labels={"codec": "compact-v1"})

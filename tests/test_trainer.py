@@ -35,7 +35,7 @@ def config(url, teacher_dir, out, **sections) -> TrainConfig:
 
 
 def test_refuses_labels_from_another_tokenizer(fake_labels, texts, tmp_path):
-    from labelgen.tiny import build_tokenizer
+    from labelgen.testing import build_tokenizer
 
     other = tmp_path / "other-tok"
     build_tokenizer(other, texts[:50], vocab_size=300)
@@ -76,8 +76,8 @@ def test_alpha_zero_is_plain_ce(fake_labels, teacher_dir, tmp_path):
 
 
 def test_sampled_kd_needs_draws_and_trains_with_them(fake_labels, teacher_dir, corpus_dir, tmp_path):
-    from conftest import make_spec
     from fakes import FakeTeacher
+    from helpers import make_spec
     from labelgen.runner import run_job
     from labelgen.spec import JobSpec
 
@@ -212,8 +212,8 @@ def test_stage_and_data_config_errors_name_the_field(fake_labels, teacher_dir, t
 
 
 def test_mixture_of_two_label_datasets(fake_labels, teacher_dir, corpus_dir, tmp_path):
-    from conftest import make_spec
     from fakes import FakeTeacher
+    from helpers import make_spec
     from labelgen.runner import run_job
     from labelgen.spec import JobSpec
     from students.mixture import MixtureStream
@@ -232,8 +232,8 @@ def test_mixture_of_two_label_datasets(fake_labels, teacher_dir, corpus_dir, tmp
 
 
 def test_hidden_state_loss_joins_teacher_states_by_row_and_position(teacher_dir, corpus_dir, tmp_path):
-    from conftest import make_spec
     from fakes import FakeTeacher
+    from helpers import make_spec
     from labelgen.runner import run_job
     from labelgen.spec import JobSpec
 
@@ -269,8 +269,8 @@ def test_follow_mode_trains_while_the_labeling_job_writes(fake_labels, teacher_d
     import time
     from pathlib import Path
 
-    from conftest import make_spec
     from fakes import FakeTeacher
+    from helpers import make_spec
     from labelgen.runner import run_job
     from labelgen.spec import JobSpec
 
@@ -308,12 +308,12 @@ def test_follow_mode_trains_while_the_labeling_job_writes(fake_labels, teacher_d
 def test_teacher_ensemble_joins_labels_by_row_and_mixes_the_loss(
     fake_labels, teacher_dir, corpus_dir, tmp_path
 ):
-    from conftest import make_spec
     from fakes import FakeTeacher
+    from helpers import make_spec
     from labelgen.runner import run_job
     from labelgen.spec import JobSpec
-    from students.data import LabelStream, open_dataset
     from students.losses import kd_loss, multi_teacher_kd
+    from students.stream import LabelStream, open_dataset
 
     other = str(tmp_path / "teacher2")
     spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, other, labels={"k": 4}))

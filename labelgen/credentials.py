@@ -1,4 +1,4 @@
-"""Object storage through fsspec: credential hygiene, safe publishing, bounded retries.
+"""Credential hygiene for URLs and specs: credentials live in the environment, never in a spec.
 
 Datasets and corpora live under any fsspec URL (a local path, ``s3://``, ``gs://``;
 ``http(s)://`` for reading). Credentials come from where each backend normally
@@ -6,24 +6,15 @@ looks (``AWS_ACCESS_KEY_ID`` / ``~/.aws/credentials`` / an instance role for S3,
 ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS); an S3-compatible endpoint (MinIO, a test
 server) is set with ``AWS_ENDPOINT_URL``, which botocore honours. None of it ever goes
 in a job spec or a manifest: :func:`url_problem` refuses URLs with embedded
-credentials and :func:`find_secrets` finds secret-looking keys and values.
-
-Object stores have no atomic rename. A file is therefore published with one PUT of
-the finished local file (a multipart upload is also invisible until it completes),
-and :func:`retry` repeats transient failures with bounded exponential backoff, each
-retry logged. A shard is only trusted once its commit record exists, and the record
-is written after the shard, so a failed or half-retried upload is never read.
+credentials and :func:`find_secrets` finds secret-looking keys and values. (Publishing
+and retries on object stores: :mod:`labelgen.contract.storage`.)
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import random
 import re
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
@@ -31,19 +22,7 @@ __all__ = [
     "url_problem",
     "check_url",
     "find_secrets",
-    "is_local",
-    "retry",
-    "put_file",
-    "put_bytes",
-    "RETRY_ATTEMPTS",
 ]
-
-T = TypeVar("T")
-log = logging.getLogger("labelgen.object_store")
-
-_sleep = time.sleep  # tests replace it to retry without waiting
-RETRY_ATTEMPTS = 5
-"""Attempts per object-store call (1 + 4 retries, backoff 0.5 s, 1 s, 2 s, 4 s, with jitter)."""
 
 _SECRET_QUERY = re.compile(
     r"^(x-amz-(signature|credential|security-token)|awsaccesskeyid|signature|sig|token|"
@@ -64,7 +43,6 @@ _SECRET_PAIRS = {
 _SECRET_VALUE = re.compile(
     r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\b(ghp|hf)_[A-Za-z0-9]{30,}"
 )
-_NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)
 
 
 class CredentialError(ValueError):
@@ -129,65 +107,3 @@ def _secret_key(key: str) -> bool:
     lower = [w.lower() for w in words]
     pairs = set(zip(lower, lower[1:], strict=False))
     return lower == ["token"] or bool(_SECRET_WORDS & set(lower) or _SECRET_PAIRS & pairs)
-
-
-def is_local(fs: Any) -> bool:
-    """True for the local filesystem (atomic rename available)."""
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, _NOT_TRANSIENT):
-        return False
-    return isinstance(exc, OSError | ConnectionError | TimeoutError) or type(exc).__module__.startswith(
-        ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "requests", "urllib3")
-    )
-
-
-def retry(
-    fn: Callable[[], T],
-    what: str,
-    attempts: int = RETRY_ATTEMPTS,
-    base_delay: float = 0.5,
-    sleep: Callable[[float], None] | None = None,
-) -> T:
-    """Call ``fn`` until it succeeds, retrying transient object-store errors with backoff.
-
-    Errors a retry cannot fix (missing file, permission denied, bad argument) are raised
-    at once; transient ones are retried ``attempts - 1`` times, each logged with the
-    delay, then the last is raised with the count in its message.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not _transient(exc) or attempt == attempts:
-                if attempt > 1:
-                    exc.add_note(f"{what}: gave up after {attempt} attempts")
-                raise
-            delay = base_delay * 2 ** (attempt - 1) * (0.75 + 0.5 * random.random())
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d in %.1fs",
-                what,
-                type(exc).__name__,
-                exc,
-                attempt,
-                attempts - 1,
-                delay,
-            )
-            (sleep or _sleep)(delay)
-    raise AssertionError("unreachable")
-
-
-def put_file(fs: Any, local_path: str, dest: str) -> None:
-    """Publish a finished local file at ``dest`` in one PUT (object stores), retried.
-
-    The upload goes straight to the final key: S3 and GCS make an object visible only
-    when its PUT (or multipart upload) completes, so a reader never sees a partial file.
-    """
-    retry(lambda: fs.put_file(local_path, dest), f"upload {os.path.basename(local_path)} to {dest}")
-
-
-def put_bytes(fs: Any, path: str, data: bytes) -> None:
-    """Write a small object in one PUT, retried."""
-    retry(lambda: fs.pipe_file(path, data), f"write {path}")

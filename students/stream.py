@@ -33,80 +33,32 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 import numpy as np
 
-from labelgen.contract.format import FormatError, Manifest, ShardRecord, read_manifest
-from students.shards import (
-    VERIFY_POLICIES,
-    ChecksumError,
-    RowGroupRef,
-    Rows,
-    ShardReader,
-    decode_rows,
-    read_commit_records,
-    read_manifest_if_complete,
-)
-
-if TYPE_CHECKING:  # imported lazily by __getattr__ (torch / datasets stay out of this module)
-    from students.hidden import read_hidden
-    from students.interop import to_hf_iterable
-    from students.loader import LabelDataset
-    from students.mixture import MixtureStream, open_mixture
+from labelgen.contract.commits import CommitLog
+from labelgen.contract.dataset import labels_layout, read_manifest, read_manifest_if_complete
+from labelgen.contract.format import FormatError, Manifest, ShardRecord
+from students.hidden import read_hidden
+from students.shards import VERIFY_POLICIES, ChecksumError, RowGroupRef, Rows, ShardReader, decode_rows
 
 __all__ = [
     "RowGroupRef",
     "Rows",
     "ChecksumError",
     "LabelStream",
-    "LabelDataset",
-    "MixtureStream",
-    "open_mixture",
     "open_dataset",
     "row_group_refs",
-    "read_row_group",
     "collate",
     "collate_hidden",
     "decode_rows",
-    "to_hf_iterable",
-    "read_hidden",
     "STATE_FORMAT",
 ]
 
 STATE_FORMAT = "labelgen-stream/2"
 Cursor = dict[str, Any]  # {"epoch": int, "pos": int, "row": int, "follow": dict | None}
-
-
-def __getattr__(name: str) -> Any:
-    # Torch / datasets are imported only when these are used (students.data stays light).
-    if name == "LabelDataset":
-        from students.loader import LabelDataset
-
-        return LabelDataset
-    if name in ("MixtureStream", "open_mixture"):
-        from students import mixture
-
-        return getattr(mixture, name)
-    if name == "to_hf_iterable":
-        from students.interop import to_hf_iterable
-
-        return to_hf_iterable
-    if name == "read_hidden":
-        from students.hidden import read_hidden
-
-        return read_hidden
-    raise AttributeError(f"module 'students.data' has no attribute {name!r}")
-
-
-def read_row_group(fs: Any, root: str, ref: RowGroupRef, k: int) -> Rows:
-    """Read and decode one row group without verification (FormatError names the file)."""
-    reader = ShardReader(root, {}, k, verify="off")
-    reader.fs, reader.root = fs, root  # the caller's filesystem (root carries no scheme)
-    rows = reader.read(ref)
-    assert rows is not None  # verify='off' never skips
-    return rows
 
 
 def row_group_refs(manifest: Manifest) -> list[RowGroupRef]:
@@ -214,7 +166,7 @@ def collate_hidden(hidden: Any, indices: Iterable[int]) -> dict[str, np.ndarray]
 def _log_warning(message: str) -> None:
     import logging
 
-    logging.getLogger("students.data").warning(message)
+    logging.getLogger("students.stream").warning(message)
 
 
 class LabelStream:
@@ -292,7 +244,9 @@ class LabelStream:
         elif manifest is None:
             raise ValueError(f"{url!r}: manifest is required unless follow=True (use open_dataset(url))")
         self.manifest = manifest
-        self.k: int | None = manifest.k if manifest is not None else None
+        self.k: int | None = None  # top-k width and codec: from the manifest, or the job record
+        self.codec: str | None = None
+        self._adopt_layout(manifest)
         if refs is None:
             refs = row_group_refs(manifest) if manifest is not None else []
         if not refs and not follow:
@@ -413,8 +367,15 @@ class LabelStream:
                 return
             epoch, pos = epoch + 1, 0
 
+    def _adopt_layout(self, manifest: Manifest | None) -> None:
+        """Learn k and the codec (from the manifest, else the job record, if written yet)."""
+        layout = labels_layout(self.fs, self.root, manifest)
+        if layout is not None:
+            self.k, self.codec = layout.k, layout.codec
+
     def _adopt_manifest(self, manifest: Manifest) -> None:
-        self.manifest, self.k = manifest, manifest.k
+        self.manifest = manifest
+        self._adopt_layout(manifest)
         self.refs = row_group_refs(manifest)
         self.records.update({s.path: s for s in manifest.shards})
         g, n = self.global_worker(0)
@@ -432,10 +393,10 @@ class LabelStream:
         seen, last_new = -1, time.monotonic()
         while not stop.is_set():
             manifest = read_manifest_if_complete(self.fs, self.root)  # before listing: then complete
-            records = manifest.shards if manifest is not None else read_commit_records(self.fs, self.root)
+            records = manifest.shards if manifest is not None else CommitLog(self.fs, self.root).shards()
             self.records.update({r.path: r for r in records})
-            if manifest is not None and self.k is None:
-                self.k = manifest.k
+            if records and self.k is None:  # the job record precedes the first shard record
+                self._adopt_layout(manifest)
             shards: dict[int, list[ShardRecord]] = {}
             for r in sorted(records, key=lambda r: (r.unit, r.index)):
                 listed = shards.setdefault(r.unit, [])
@@ -482,7 +443,15 @@ class LabelStream:
 
     # -- batches ----------------------------------------------------------------------
     def _reader(self) -> ShardReader:
-        return ShardReader(self.url, self.records, self.k, self.verify, self.cache_mib, self.log)
+        return ShardReader(
+            self.url,
+            self.records,
+            self.k,
+            self.codec,
+            verify=self.verify,
+            cache_mib=self.cache_mib,
+            log=self.log,
+        )
 
     def worker_batches(
         self, worker: int, cursor: Cursor
@@ -492,18 +461,20 @@ class LabelStream:
         Row groups are read and decoded ``prefetch`` ahead in a background thread; a shard's
         rows are handed out only after its checksum verdict (:meth:`ShardReader.read_pending`).
         """
-        reader = self._reader()
+        readers: list[ShardReader] = []  # made at the first row group: a follower knows k by then
         stop = threading.Event()
         plan = self._plan(worker, cursor, stop)
 
         def load(item: tuple) -> tuple:
             ref, start, at, end = item
+            if not readers:
+                readers.append(self._reader())
+            reader = readers[0]
             rows, check = reader.read_pending(ref)  # a first-touch shard is hashed meanwhile
             if self.hidden and rows is not None:
-                from students.hidden import read_hidden
-
                 assert self.manifest is not None  # hidden excludes follow mode
-                rows = (rows, read_hidden(self.url, self.manifest, ref, rows))
+                hidden = read_hidden(self.url, self.manifest, ref, rows, reader=reader)
+                rows = None if hidden is None else (rows, hidden)  # None: hidden shard skipped
             return ref, start, at, end, rows, check
 
         items: Iterator[tuple]
@@ -522,27 +493,27 @@ class LabelStream:
                     batch = collate(rows, range(row, stop_row))
                     if hidden is not None:
                         batch.update(collate_hidden(hidden, range(row, stop_row)))
-                    yield batch, after, list(reader.skipped)
+                    yield batch, after, list(readers[0].skipped)
         finally:
             stop.set()
             if hasattr(items, "close"):
                 items.close()
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Batches (numpy, shapes in :func:`collate`) from the cursor on."""
+        """Batches (numpy, shapes in :func:`collate`) from the cursor on, read in this process.
+
+        Raises:
+            ValueError: the stream has ``num_workers > 0``: its batches come from DataLoader
+                worker processes, through :func:`students.loader.make_loader`.
+        """
         if self.num_workers > 0:
-            yield from self._iter_workers()
-            return
+            raise ValueError(
+                f"this stream of {self.url!r} reads with num_workers={self.num_workers} DataLoader "
+                "workers: iterate students.loader.make_loader(stream), or build it with num_workers=0"
+            )
         for batch, cursor, skipped in self.worker_batches(0, self._cursors[0]):
             self._cursors[0], self._skipped[0] = cursor, skipped
             yield batch
-
-    def _iter_workers(self) -> Iterator[dict[str, np.ndarray]]:
-        from students.loader import make_loader
-
-        for batch, meta in make_loader(self):
-            self.observe(meta)
-            yield {key: value.numpy() for key, value in batch.items()}
 
 
 def _background(items: Iterator[Any], depth: int, stop: threading.Event) -> Iterator[Any]:

@@ -1,4 +1,4 @@
-"""``labelgen inspect URL``: what a label dataset holds, with teacher statistics.
+"""What a label dataset holds, with teacher statistics: the report ``labelgen inspect URL`` prints.
 
 Reads the manifest (or, for a dataset still being written, the commit records) and
 a sample of rows to report mean teacher entropy and top-1 mass. Entropy counts the
@@ -13,14 +13,10 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import (
-    MANIFEST_NAME,
-    FormatError,
-    Manifest,
-    decode_topk_table,
-    join_url,
-    topk_column_names,
-)
+from labelgen.contract.codecs import get_codec
+from labelgen.contract.commits import CommitLog
+from labelgen.contract.dataset import read_manifest_if_complete
+from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, join_url
 
 __all__ = ["inspect_dataset", "format_report", "topk_statistics"]
 
@@ -45,11 +41,9 @@ def topk_statistics(topk_logprobs: np.ndarray) -> dict[str, float]:
 def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
     """Summary of the dataset at ``url`` (manifest required) plus sampled teacher statistics."""
     fs, root = fsspec.core.url_to_fs(url)
-    path = join_url(root, MANIFEST_NAME)
-    if not fs.exists(path):
-        from labelgen.runner import read_commits
-
-        shards, units = read_commits(fs, root)
+    manifest = read_manifest_if_complete(fs, root)
+    if manifest is None:
+        shards, units = CommitLog(fs, root).committed()
         if not shards:
             raise FormatError(f"no label dataset at {url!r} (no {MANIFEST_NAME}, no committed shards)")
         return {
@@ -60,15 +54,14 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
             "rows": sum(s.rows for s in shards),
             "tokens": sum(s.tokens for s in shards),
         }
-    with fs.open(path, "r") as f:
-        manifest = Manifest.from_json(f.read(), where=path)
+    codec = get_codec(manifest.codec)
     rows_seen, chunks = 0, []
     for shard in manifest.shards:
         if rows_seen >= sample_rows:
             break
         with fs.open(join_url(root, shard.path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(0, columns=topk_column_names(manifest.codec))
-        chunks.append(decode_topk_table(table, manifest.k)[1])
+            table = pq.ParquetFile(f).read_row_group(0, columns=list(codec.columns))
+        chunks.append(codec.decode(table, manifest.k)[1])
         rows_seen += table.num_rows
     stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
     return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}
