@@ -11,7 +11,7 @@ one label shard per codec through labelgen's ShardWriter and prints, per teacher
                    T=2: the mean after softening both sides at temperature 2
     top-1          fraction of positions whose decoded top-1 id is the teacher's
     decode         positions/s of reading the shard's label columns and decoding them
-                   (`pq.read_table` + `decode_topk_table`), and its ratio to plain
+                   (`pq.read_table` + the codec's `decode`), and its ratio to plain
 
 Teachers: random-init (as bench/extraction.py: wide logits, no frequency skew, the worst
 case for id coding) and briefly pretrained ones (skewed top-k sets like a real teacher's):
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-CODECS = ("plain", "compact-v1", "compact-v2")
 # name: (vocab, hidden, layers, heads, intermediate, trained)
 MODELS = {
     "random-512": (512, 128, 2, 4, 256, False),
@@ -175,7 +174,8 @@ def write_shard(directory: str, codec: str, rows: list[dict], k: int, level: int
 def measure(name: str, rows: list[dict], k: int, level: int, repeats: int) -> None:
     import pyarrow.parquet as pq
 
-    from labelgen.contract.format import Columns, decode_topk_table, topk_column_names
+    from labelgen.contract.codecs import CODECS, DEFAULT_CODEC
+    from labelgen.contract.format import Columns
 
     exact_ids = np.concatenate([r["topk_ids"][:, :k] for r in rows])
     exact_lps = np.concatenate([r["topk_logprobs"][:, :k] for r in rows])
@@ -190,11 +190,11 @@ def measure(name: str, rows: list[dict], k: int, level: int, repeats: int) -> No
     ]
     speed = {}
     print(f"\n  {name}, k={k}, {len(rows)} x {len(rows[0]['input_ids'])} tokens, zstd-{level}")
-    for codec in CODECS:
+    for codec, coder in sorted(CODECS.items(), key=lambda item: item[0] != DEFAULT_CODEC):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_shard(tmp, codec, k_rows, k, level)
             meta = pq.ParquetFile(path).metadata
-            label_columns = {*topk_column_names(codec), Columns.TARGET_LOGPROBS}
+            label_columns = {*coder.columns, Columns.TARGET_LOGPROBS}
             label_bytes = sum(
                 meta.row_group(g).column(c).total_compressed_size
                 for g in range(meta.num_row_groups)
@@ -205,7 +205,7 @@ def measure(name: str, rows: list[dict], k: int, level: int, repeats: int) -> No
             for _ in range(repeats):
                 start = time.perf_counter()
                 table = pq.read_table(path, columns=sorted(label_columns))
-                ids, lps = decode_topk_table(table, k)
+                ids, lps = coder.decode(table, k)
                 best = min(best, time.perf_counter() - start)
             speed[codec] = positions / best
             kl = kl_k_plus_1(exact_ids, exact_lps, exact_tail, ids, lps)
@@ -215,7 +215,7 @@ def measure(name: str, rows: list[dict], k: int, level: int, repeats: int) -> No
                 f"    {codec:<11} labels {label_bytes / positions:6.1f} B/pos   shard "
                 f"{os.path.getsize(path) / positions:6.1f} B/pos   KL mean {kl.mean():.2e} max {kl.max():.2e}"
                 f" (T=2: {kl2.mean():.1e})   top-1 {top1:6.1%}   decode {speed[codec]:>9,.0f} pos/s "
-                f"({speed[codec] / speed['plain']:.2f}x plain)"
+                f"({speed[codec] / speed[DEFAULT_CODEC]:.2f}x {DEFAULT_CODEC})"
             )
 
 

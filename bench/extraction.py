@@ -76,9 +76,9 @@ def flat_to_arrays(output, k: int):
 
 def codec_kl(item: dict, encoded: tuple) -> float:
     """Mean KL(exact || compact-v1) over the k+1 buckets (top-k + tail) of one sequence."""
-    from labelgen.contract.format import decode_topk
+    from labelgen.contract.codecs.compact_v1 import decode_arrays
 
-    ids_q, lps_q = decode_topk(*encoded)
+    ids_q, lps_q = decode_arrays(*encoded)
     ids, lps = item["topk_ids"], item["topk_logprobs"]
     p = np.exp(np.take_along_axis(lps, np.argsort(ids, 1), 1).astype(np.float64))
     q = np.exp(np.take_along_axis(lps_q, np.argsort(ids_q, 1), 1).astype(np.float64))
@@ -92,11 +92,14 @@ def bytes_per_position(tables: list, directory: str) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from labelgen.contract.codecs import CODECS
     from labelgen.writer import parquet_write_options
 
     table = pa.concat_tables(tables)
     path = os.path.join(directory, "t.parquet")
     options = parquet_write_options(3)
+    for codec in CODECS.values():  # the tables hold plain and compact top-k columns
+        options["column_encoding"].update(codec.column_encodings())
     options["column_encoding"] = {
         k: v for k, v in options["column_encoding"].items() if k.split(".")[0] in table.column_names
     }
@@ -192,7 +195,7 @@ def run_model(
         print(f"    hook vs flat labels: {same}/{total} ids identical, max |logprob diff| {worst:.2e}")
         import pyarrow as pa
 
-        from labelgen.contract.format import encode_topk
+        from labelgen.contract.codecs import compact_v1
 
         positions = sequences * (seq_len - 1)
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,12 +222,14 @@ def run_model(
                 }
             )
             top_bytes = bytes_per_position([topk], tmp) / positions
-            encoded = [encode_topk(i["topk_ids"], i["topk_logprobs"]) for i in hooked]
+            encoded = [compact_v1.encode_arrays(i["topk_ids"], i["topk_logprobs"]) for i in hooked]
             compact = pa.table(
                 {
-                    "topk_id_deltas": pa.array([e[0].ravel() for e in encoded], pa.list_(pa.int32())),
-                    "topk_logprob_q": pa.array([e[1].ravel() for e in encoded], pa.list_(pa.uint8())),
-                    "topk_tail_logprob": pa.array([e[2] for e in encoded], pa.list_(pa.float32())),
+                    **compact_v1.CODEC.encode(
+                        np.concatenate([i["topk_ids"] for i in hooked]),
+                        np.concatenate([i["topk_logprobs"] for i in hooked]),
+                        np.array([len(i["target_logprobs"]) for i in hooked]),
+                    ),
                     "target_logprobs": pa.array(
                         [i["target_logprobs"] for i in hooked], pa.list_(pa.float32())
                     ),

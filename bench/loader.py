@@ -35,6 +35,7 @@ from labelgen.contract.format import MANIFEST_NAME, Manifest, join_url
 from labelgen.labels import SequenceLabels
 from labelgen.packing import PackedSequence
 from labelgen.writer import ShardWriter
+from students.loader import make_loader
 from students.stream import LabelStream
 
 
@@ -118,7 +119,7 @@ def ours_workers(root: str, manifest: Manifest, batch: int, workers: int) -> dic
         root, manifest, None, batch, loop=False, num_workers=workers, mp_context="forkserver"
     )
     positions, first, first_at = 0, 0, 0.0
-    for np_batch in stream:
+    for np_batch in make_loader(stream):
         tensors = {key: torch.from_numpy(value) for key, value in np_batch.items()}
         positions += tensors["topk_ids"].shape[0] * tensors["topk_ids"].shape[1]
         if not first:

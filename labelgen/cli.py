@@ -155,13 +155,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from labelgen.contract.configs import ConfigError
+    from labelgen.contract.configs import ConfigError, parse_cli_args
     from labelgen.contract.format import FormatError
     from labelgen.corpus import CorpusError
     from labelgen.credentials import CredentialError
     from labelgen.provenance import ModelPathError
 
-    args = build_parser().parse_args(argv)
+    args = parse_cli_args(build_parser(), argv)  # overrides may also follow flags
     handler = {
         "validate": _validate,
         "run": _run,

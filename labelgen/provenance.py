@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from labelgen.contract.format import tokenizer_fingerprint
+from labelgen.contract.storage import MIB
 from labelgen.spec import TeacherSpec
 
 __all__ = ["ModelPathError", "check_model_path", "weights_fingerprint", "load_tokenizer", "tokenizer_info"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_MIB = 1 << 20
 
 
 class ModelPathError(FileNotFoundError):
@@ -55,13 +55,13 @@ def weights_fingerprint(model: str, mode: str) -> dict[str, Any]:
         total += size
         digest.update(f"{file.relative_to(directory)}:{size}\n".encode())
         with file.open("rb") as f:
-            if mode == "full" or size <= 2 * _MIB:
+            if mode == "full" or size <= 2 * MIB:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
             else:
-                digest.update(f.read(_MIB))
-                f.seek(size - _MIB)
-                digest.update(f.read(_MIB))
+                digest.update(f.read(MIB))
+                f.seek(size - MIB)
+                digest.update(f.read(MIB))
     return {"mode": mode, "sha256": digest.hexdigest(), "files": len(files), "bytes": total}
 
 

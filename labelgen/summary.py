@@ -17,6 +17,7 @@ from labelgen.contract.codecs import get_codec
 from labelgen.contract.commits import CommitLog
 from labelgen.contract.dataset import read_manifest_if_complete
 from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, join_url
+from labelgen.contract.storage import MIB
 
 __all__ = ["inspect_dataset", "format_report", "topk_statistics"]
 
@@ -43,12 +44,15 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
     fs, root = fsspec.core.url_to_fs(url)
     manifest = read_manifest_if_complete(fs, root)
     if manifest is None:
-        shards, units = CommitLog(fs, root).committed()
+        commits = CommitLog(fs, root)
+        shards, units = commits.committed()
         if not shards:
             raise FormatError(f"no label dataset at {url!r} (no {MANIFEST_NAME}, no committed shards)")
+        job = commits.job()
         return {
             "complete": False,
             "url": url,
+            "labels": f"top-{job.k} ({job.codec})" if job is not None else "unknown (no job record)",
             "committed_shards": len(shards),
             "finished_units": len(units),
             "rows": sum(s.rows for s in shards),
@@ -71,7 +75,8 @@ def format_report(info: dict[str, Any]) -> str:
     if not info["complete"]:
         return (
             f"{info['url']}: INCOMPLETE (no manifest yet): {info['committed_shards']} shard(s) committed, "
-            f"{info['finished_units']} unit(s) finished, {info['rows']} sequences, {info['tokens']} tokens"
+            f"{info['finished_units']} unit(s) finished, {info['rows']} sequences, {info['tokens']} tokens, "
+            f"labels {info['labels']}"
         )
     m: Manifest = info["manifest"]
     t = m.totals
@@ -88,7 +93,7 @@ def format_report(info: dict[str, Any]) -> str:
         f"labels      top-{m.k} raw log-probs + target log-prob ({m.codec}); {m.position_convention}",
         f"extraction  {teacher.get('extraction', 'public')}; products: "
         + (", ".join(f"{name} {value}" for name, value in m.products.items()) or "top-k only"),
-        f"shards      {t['shards']} ({t['bytes'] / 2**20:.2f} MiB), {t['rows']} sequences, "
+        f"shards      {t['shards']} ({t['bytes'] / MIB:.2f} MiB), {t['rows']} sequences, "
         f"{t['tokens']} tokens, {t['label_positions']} label positions",
         f"bytes/tok   {t['bytes'] / max(t['label_positions'], 1):.1f} per label position",
         f"units       {len(m.units)} source(s)",

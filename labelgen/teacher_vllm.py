@@ -124,7 +124,12 @@ class VllmTeacher:
         labels = []
         for ids in batch:
             item = found.get(token_hash(ids))
-            assert item is not None, "the extractor returned no labels for a request"
+            if item is None:
+                raise RuntimeError(
+                    f"vLLM {self._version}'s worker returned no labels for a request of {len(ids)} tokens "
+                    "through the extraction hook; this vLLM build is not one the hook supports: set "
+                    "labels.extraction=public, or install a supported vLLM (README: How labels leave vLLM)"
+                )
             labels.append(
                 SequenceLabels(
                     topk_ids=item["topk_ids"],
@@ -144,8 +149,14 @@ class VllmTeacher:
         starts = np.asarray(flat.start_indices, dtype=np.int64)
         ends = np.asarray(flat.end_indices, dtype=np.int64)
         # Position 0 has no distribution; each later one has k+1 entries (target first).
-        assert len(starts) == num_tokens and ends[0] == starts[0], (len(starts), num_tokens)
-        assert np.all(ends[1:] - starts[1:] == k + 1), "vLLM returned an unexpected logprob count"
+        counts = ends - starts
+        if len(starts) != num_tokens or counts[0] != 0 or np.any(counts[1:] != k + 1):
+            raise RuntimeError(
+                f"vLLM {self._version} returned {len(starts)} prompt-logprob positions for {num_tokens} "
+                f"tokens with entry counts {sorted(set(counts[1:].tolist()))} (expected k + 1 = {k + 1} per "
+                "position after the first): this vLLM's flat logprobs differ from the layout labelgen "
+                "reads; install vLLM 0.27 or newer"
+            )
         ids = np.asarray(flat.token_ids, dtype=np.int32).reshape(num_tokens - 1, k + 1)
         lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(num_tokens - 1, k + 1)
         return SequenceLabels(

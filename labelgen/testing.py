@@ -1,4 +1,4 @@
-"""Tiny local models, tokenizers and corpora for the demo and the tests.
+"""Test and demo fixtures, not library API: tiny local models, tokenizers and corpora.
 
 Nothing here downloads anything: the corpus is built from the docstrings of the
 Python standard library, the tokenizer is a byte-level BPE trained with
@@ -174,7 +174,11 @@ def build_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     head_dim = hidden_size // num_heads
-    assert head_dim >= 32, f"vLLM's CPU attention needs head_dim >= 32, got {head_dim}"
+    if head_dim < 32:
+        raise ValueError(
+            f"hidden_size / num_heads = {head_dim}, but vLLM's CPU attention needs head_dim >= 32; "
+            "raise hidden_size or lower num_heads"
+        )
     torch.manual_seed(seed)
     specials = {
         name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from students.losses import KD_KINDS, bucket_divergence, check_kd_args, sampled_cross_entropy
+from students.loss_kinds import LOSS_KINDS
+from students.losses import bucket_divergence, check_kd_args, sampled_cross_entropy
 
 __all__ = ["CHUNKED_KINDS", "chunked_kd_loss", "unchunked_kd_loss"]
 
-CHUNKED_KINDS = (*KD_KINDS, "sampled")
-"""``kind`` values: the top-k + tail divergences, and ``sampled`` (random-draw labels)."""
+CHUNKED_KINDS = LOSS_KINDS
+"""``kind`` values: the top-k + tail divergences, and ``sampled`` (random-draw labels);
+defined in :mod:`students.loss_kinds`."""
 
 
 def _check(
@@ -107,7 +109,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
     """Forward computes the loss and its input gradients chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -134,9 +136,10 @@ class _FusedChunkedLoss(torch.autograd.Function):
             w = w_pos[start : start + chunk]  # (C,)
             logits = F.linear(h, weight, bias).requires_grad_(need_any)  # (C, V), input dtype
             with torch.set_grad_enabled(need_any):
+                first, second = (x.index_select(0, idx) if x is not None else None for x in labels)
                 kd, ce = _position_losses(
                     logits,
-                    tuple(x.index_select(0, idx) if x is not None else None for x in labels),
+                    (first, second),
                     targets.index_select(0, idx),
                     spec["kind"],
                     alpha,

@@ -31,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from labelgen.contract.configs import ConfigError
+    from labelgen.contract.configs import ConfigError, parse_cli_args
     from labelgen.contract.format import FormatError
     from students.config import load_train_config
 
-    args = build_parser().parse_args(argv)
+    args = parse_cli_args(build_parser(), argv)  # overrides may also follow flags
     try:
         cfg = load_train_config(args.config, args.overrides)
         if args.command == "validate":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from labelgen.contract.configs import load_config_file
+from students.loss_kinds import LOSS_KINDS, LossKind
 
 __all__ = [
     "ModelConfig",
@@ -23,7 +24,7 @@ __all__ = [
     "DataConfig",
     "StageConfig",
     "HiddenLossConfig",
-    "KD_KINDS",
+    "LOSS_KINDS",
     "LossConfig",
     "OptimConfig",
     "RunConfig",
@@ -156,14 +157,9 @@ class HiddenLossConfig:
             yield "weight", f"must be >= 0, got {self.weight}"
 
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "sampled")
-
-
 @dataclass(frozen=True)
 class LossConfig:
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "sampled"] = (
-        "forward_kl"
-    )
+    kind: LossKind = "forward_kl"
     """The KD term, over the stored top-k plus the tail bucket: 'forward_kl' KL(p||q),
     'reverse_kl' KL(q||p), 'jsd' generalized Jensen-Shannon (``beta``), 'skew_kl' /
     'skew_reverse_kl' (``skew``), 'tvd' total variation. 'sampled': cross-entropy to the

@@ -175,6 +175,7 @@ class HiddenStateDistiller(nn.Module):
                     f"got {tuple(target.shape)}"
                 )
             proj = self.projections[str(s_layer)]
+            assert isinstance(proj, nn.Linear)  # built in __init__; ModuleDict is typed as Module
             picked = states[batch_index.long(), position_index.long()]  # (P, D_s)
             projected = proj(picked.to(proj.weight.dtype))  # (P, D_t)
             losses[s_layer] = hidden_state_loss(self.kind, projected, target.to(projected.device), mask)

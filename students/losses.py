@@ -41,6 +41,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from students.loss_kinds import DIVERGENCES
+
 __all__ = [
     "KD_KINDS",
     "check_kd_args",
@@ -60,8 +62,9 @@ __all__ = [
     "sampled_kd",
 ]
 
-KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
-"""The divergences ``kind`` may name (``sampled`` KD is the separate ``sampled_kd``)."""
+KD_KINDS = DIVERGENCES
+"""The divergences ``kind`` may name (``sampled`` KD is the separate ``sampled_kd``);
+defined in :mod:`students.loss_kinds`."""
 
 _NEG_INF = float("-inf")
 # A finite stand-in for log 0: exp() of it is exactly 0 in float32, and unlike -inf it

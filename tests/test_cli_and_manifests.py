@@ -224,3 +224,62 @@ def test_ray_commands_without_ray_give_the_install_line(monkeypatch, capsys):
         import_ray()
     assert labelgen_cli.main(["status", "raysubmit_x", "--address", "http://127.0.0.1:1"]) == 2
     assert "pip install 'labelgen[ray]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "overrides"),
+    [
+        (["run", "s.yaml", "--no-progress", "labels.k=8"], ["labels.k=8"]),
+        (["run", "s.yaml", "a.b=1", "--no-progress", "c=2"], ["a.b=1", "c=2"]),
+        (["run", "--no-progress", "s.yaml", "labels.k=8"], ["labels.k=8"]),
+        (["validate", "s.yaml", "labels.k=8", "output.url=/o"], ["labels.k=8", "output.url=/o"]),
+        (["run-ray", "s.yaml", "--address", "auto", "cluster.replicas=2"], ["cluster.replicas=2"]),
+        (
+            ["submit", "s.yaml", "--address", "http://h:8265", "cluster.replicas=4", "--job-id", "j", "x=-1"],
+            ["cluster.replicas=4", "x=-1"],
+        ),
+    ],
+)
+def test_labelgen_overrides_may_follow_flags(argv, overrides):
+    from labelgen.contract.configs import parse_cli_args
+
+    args = parse_cli_args(labelgen_cli.build_parser(), argv)
+    assert args.spec == "s.yaml" and args.overrides == overrides
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown"),
+    [
+        (["run", "s.yaml", "--no-progress", "stray"], "stray"),
+        (["run", "s.yaml", "--bogus=1", "labels.k=8"], "--bogus=1"),
+        (["inspect", "/data", "labels.k=8"], "labels.k=8"),
+        (["status", "raysubmit_x", "--address", "http://h:8265", "a=1"], "a=1"),
+    ],
+)
+def test_labelgen_refuses_other_leftovers_as_argparse_does(argv, unknown, capsys):
+    with pytest.raises(SystemExit) as info:
+        labelgen_cli.main(argv)
+    assert info.value.code == 2
+    assert f"labelgen: error: unrecognized arguments: {unknown}" in capsys.readouterr().err
+
+
+def test_labelgen_run_applies_an_override_given_after_a_flag(capsys):
+    spec = REPO / "manifests" / "jobs" / "tiny-cpu.yaml"
+    assert labelgen_cli.main(["run", str(spec), "--no-progress", "labels.k=0"]) == 2
+    assert "labels.k must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_students_overrides_anywhere_after_the_config(capsys):
+    from labelgen.contract.configs import parse_cli_args
+
+    parser = students_cli.build_parser()
+    for verb in ("validate", "train", "eval"):
+        args = parse_cli_args(parser, [verb, "c.yaml", "optim.lr=1e-3", "train.output_dir=/o"])
+        assert args.config == "c.yaml" and args.overrides == ["optim.lr=1e-3", "train.output_dir=/o"]
+    config = REPO / "manifests" / "students" / "tiny-cpu.yaml"
+    assert students_cli.main(["validate", str(config), "train.output_dir=/tmp/elsewhere"]) == 0
+    assert "/tmp/elsewhere" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        students_cli.main(["train", str(config), "--bogus", "optim.lr=1e-3"])
+    assert info.value.code == 2
+    assert "students: error: unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -112,3 +112,73 @@ def test_student_config_rules():
         "loss.temperature must be > 0",
     ):
         assert needle in errors, (needle, errors)
+
+
+def test_type_errors_do_not_hide_rule_violations():
+    data = {
+        "teacher": {"model": "/m", "dtype": "float17", "engine_args": {"max_logprobs": 5}},
+        "corpus": {"sources": []},
+        "labels": {"k": 0},
+        "output": {"url": "/o"},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(JobSpec, data)
+    errors = info.value.errors
+    for needle in (
+        "teacher.dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got 'float17'",
+        "teacher.engine_args.max_logprobs is set by the spec itself",
+        "corpus.sources must list at least one URL or glob",
+        "labels.k must be >= 1, got 0",
+    ):
+        assert any(e.startswith(needle) for e in errors), (needle, errors)
+    assert len(errors) == 4, errors
+
+
+def test_unknown_key_and_rule_violation_reported_together():
+    data = {**MINIMAL, "labels": {"k": 0, "kk": 8}, "extra": 1}
+    with pytest.raises(ConfigError) as info:
+        load_config(JobSpec, data)
+    errors = "\n".join(info.value.errors)
+    assert "labels.kk is not a known field" in errors
+    assert "extra is not a known field" in errors
+    assert "labels.k must be >= 1, got 0" in errors
+    assert len(info.value.errors) == 3
+
+
+def test_a_field_with_a_type_error_gets_no_second_message():
+    # seq_len takes its default (2048) for the rules, which breaks the max_model_len rule:
+    # that message is about packing.seq_len, whose type error is already reported.
+    data = {**MINIMAL, "teacher": {"model": "/m", "max_model_len": 128}, "packing": {"seq_len": "long"}}
+    with pytest.raises(ConfigError) as info:
+        load_config(JobSpec, data)
+    assert info.value.errors == ["packing.seq_len must be an integer, got 'long'"]
+    # data.url takes its default (None), which breaks the "url xor mixture" rule of data.url.
+    student = {
+        "model": {"path": "/s"},
+        "data": {"url": 5, "batch_sequences": 0},
+        "train": {"output_dir": "/o"},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, student)
+    assert info.value.errors == [
+        "data.url must be a string, got int 5",
+        "data.batch_sequences must be >= 1, got 0",
+    ]
+
+
+def test_list_items_that_built_are_checked_next_to_those_that_did_not():
+    student = {
+        "model": {"path": "/s"},
+        "data": {"url": "/l"},
+        "train": {"output_dir": "/o"},
+        "stages": [{"steps": 0}, {"name": 3}],
+        "optim": {"lr": 0},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, student)
+    assert sorted(info.value.errors) == [
+        "optim.lr must be > 0, got 0.0",
+        "stages[0].steps must be >= 1, got 0",
+        "stages[1].name must be a string, got int 3",
+        "stages[1].steps is required",
+    ]

@@ -11,6 +11,7 @@ import pytest
 
 from fakes import FakeTeacher
 from helpers import make_spec
+from labelgen.contract.codecs import CODEC_NAMES
 from labelgen.contract.configs import load_config
 from labelgen.contract.dataset import read_manifest
 from labelgen.contract.format import MANIFEST_NAME
@@ -46,9 +47,9 @@ def hashes(batch) -> list[int]:
     return [int(h) for h in np.asarray(batch["token_hash"]).view(np.uint64)]
 
 
-def start_job(teacher_dir, corpus_dir, out, gate):
+def start_job(teacher_dir, corpus_dir, out, gate, **sections):
     one_source = {"sources": [f"{corpus_dir}/a.jsonl"]}  # half the corpus: a faster job
-    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out, corpus=one_source))
+    spec = load_config(JobSpec, make_spec(teacher_dir, corpus_dir, out, corpus=one_source, **sections))
     errors: list[BaseException] = []
 
     def run():
@@ -107,6 +108,40 @@ def test_follow_reads_shards_while_the_job_writes_and_stops_at_the_manifest(
     if world_size > 1:
         assert all(seen) and not set(seen[0]) & set(seen[1])
     assert sorted(h for per_rank in seen for h in per_rank) == all_hashes(out)  # exactly once
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_follow_mode_reads_every_codec_as_the_complete_dataset_does(teacher_dir, corpus_dir, tmp_path, codec):
+    """A follower decodes a dataset still being written with its codec (from the job's commit
+    record, written before any shard) and gets exactly the labels a reader of the complete
+    dataset gets."""
+    out = str(tmp_path / codec)
+    gate = threading.Event()
+    thread, errors = start_job(teacher_dir, corpus_dir, out, gate, labels={"codec": codec})
+    follower = LabelStream(out, None, None, 4, loop=False, follow=True, poll_interval=0.02, follow_timeout=60)
+    it = iter(follower)
+    live = [next(it)]
+    assert not os.path.exists(os.path.join(out, MANIFEST_NAME))  # read while the job writes
+    assert (follower.k, follower.codec) == (8, codec)
+    gate.set()
+    live.extend(it)
+    thread.join(timeout=60)
+    assert not errors, errors
+    complete = LabelStream(out, read_manifest(out), None, 4, shuffle=False, loop=False)
+    assert read_manifest(out).codec == codec
+
+    def labels_by_row(batches) -> dict[int, tuple]:
+        out = {}
+        for b in batches:
+            for j, h in enumerate(hashes(b)):
+                real = np.flatnonzero(b["topk_logprobs"][j].any(axis=1))  # padding is all zero
+                n = int(real[-1]) + 1 if real.size else 0
+                out[h] = (b["topk_ids"][j, :n].tolist(), b["topk_logprobs"][j, :n].tolist())
+        return out
+
+    followed, reference = labels_by_row(live), labels_by_row(complete)
+    assert sorted(followed) == all_hashes(out)
+    assert followed == reference
 
 
 def test_follow_resumes_exactly_mid_follow_and_loops_over_the_complete_set(teacher_dir, corpus_dir, tmp_path):

@@ -124,3 +124,32 @@ def test_hidden_states_join_by_sample_id_and_token_hash(hidden_labels, tmp_path)
     moved = read_hidden(str(copy), m, ref, rows)
     check(moved)
     np.testing.assert_array_equal(moved.positions, hidden.positions)
+
+
+def test_hidden_shards_are_checksum_verified_like_label_shards(hidden_labels, tmp_path):
+    import shutil
+
+    from students.shards import ChecksumError
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(hidden_labels, copy)
+    m = read_manifest(str(copy))
+    bad = m.shards[0]
+    data = bytearray((copy / bad.hidden_path).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    (copy / bad.hidden_path).write_bytes(bytes(data))
+
+    def stream(**kw):
+        return LabelStream(str(copy), m, None, 4, shuffle=False, loop=False, hidden=True, **kw)
+
+    with pytest.raises(
+        ChecksumError, match=rf"{bad.hidden_path} has sha256 [0-9a-f]{{64}}.*{bad.hidden_sha256}"
+    ):
+        list(stream())
+    logged: list[str] = []
+    skipping = stream(verify="skip", log=logged.append)
+    rows = sum(len(b["input_ids"]) for b in skipping)
+    assert rows == m.totals["rows"] - bad.rows  # the label shard's rows go with its hidden shard
+    assert skipping.skipped_shards == [bad.hidden_path] and "verify='skip'" in logged[0]
+    intact = LabelStream(hidden_labels, m, None, 4, shuffle=False, loop=False, hidden=True)
+    assert sum(len(b["input_ids"]) for b in intact) == m.totals["rows"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from labelgen.contract.configs import load_config
+from students.compatibility import TokenizerMismatchError
 from students.config import TrainConfig
-from students.trainer import TokenizerMismatchError, Trainer
+from students.trainer import Trainer
 
 
 def config(url, teacher_dir, out, **sections) -> TrainConfig:
@@ -153,7 +154,7 @@ def config_dict(cfg: TrainConfig) -> dict:
 def _one_step(trainer: Trainer) -> None:
     index, stage, in_stage = trainer.stage_at(trainer.step)
     trainer.optimizer.zero_grad()
-    parts = trainer.losses(trainer.next_batch(index), stage.loss, trainer.temperature(stage, in_stage))
+    parts = trainer.losses(trainer.next_batch(index), index, trainer.temperature(stage, in_stage))
     parts["loss"].backward()
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.optim.grad_clip)
     trainer.optimizer.step()

@@ -27,7 +27,14 @@ from typing import Any
 
 import fsspec
 
-from labelgen.contract.format import COMMITS_DIR, FORMAT_VERSION, ShardRecord, UnitRecord, join_url
+from labelgen.contract.format import (
+    COMMITS_DIR,
+    FORMAT_VERSION,
+    ShardRecord,
+    UnitRecord,
+    join_url,
+    unit_shard_prefix,
+)
 from labelgen.contract.storage import list_fresh, read_json, retry, write_json_atomic
 
 __all__ = [
@@ -43,7 +50,6 @@ SOURCES_RECORD = "sources.json"
 JOB_RECORD = "job.json"
 TOKENIZER_RECORD = "tokenizer.json"
 TEACHER_RECORD = "teacher.json"
-_SHARD_PREFIX = "part-"
 _UNIT_PREFIX = "unit-"
 _SUFFIX = ".json"
 
@@ -139,9 +145,9 @@ class CommitLog:
         """Committed shard records sorted by (unit, index) and finished unit records, read
         fresh in one listing; with ``unit``, only that unit's shard records (and no units)."""
         if unit is not None:
-            prefixes: tuple[str, ...] = (f"{_SHARD_PREFIX}{unit:05d}-",)
+            prefixes: tuple[str, ...] = (unit_shard_prefix(unit),)
         else:
-            prefixes = (_SHARD_PREFIX, _UNIT_PREFIX)
+            prefixes = (unit_shard_prefix(), _UNIT_PREFIX)
         common = prefixes[0] if len(prefixes) == 1 else ""
         shards, units = [], {}
         for path in self._list(common):
@@ -149,7 +155,7 @@ class CommitLog:
             if not name.endswith(_SUFFIX) or not name.startswith(prefixes):
                 continue  # temporary files (*.json.tmp-PID) and the job's other records
             data = read_json(self.fs, path)
-            if name.startswith(_SHARD_PREFIX):
+            if name.startswith(unit_shard_prefix()):
                 shards.append(ShardRecord(**data))
             else:
                 record = UnitRecord(**data)
@@ -164,10 +170,10 @@ class CommitLog:
     def count_shards(self) -> int:
         """How many shard records are listed (no record is read)."""
         try:
-            names = [path.rsplit("/", 1)[-1] for path in self._list(_SHARD_PREFIX)]
+            names = [path.rsplit("/", 1)[-1] for path in self._list(unit_shard_prefix())]
         except OSError:
             return 0
-        return sum(1 for name in names if name.startswith(_SHARD_PREFIX) and name.endswith(_SUFFIX))
+        return sum(1 for name in names if name.startswith(unit_shard_prefix()) and name.endswith(_SUFFIX))
 
     def _list(self, prefix: str) -> list[str]:
         return retry(lambda: list_fresh(self.fs, self.directory, prefix), f"list {self.directory}")

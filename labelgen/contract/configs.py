@@ -8,7 +8,10 @@ dotted path, into one :class:`ConfigError`.
 
 A dataclass may define ``check(self) -> Iterable[tuple[str, str]]`` yielding
 ``(field, message)`` pairs for cross-field rules; the field is relative to that
-dataclass and is prefixed with its dotted path here.
+dataclass and is prefixed with its dotted path here. Rules run even where a field
+has the wrong type, if that field has a default: the rules then see the default, and
+their messages about that field are dropped (its type error is the one reported), so
+one run lists type errors and rule violations together.
 
 Imports only the standard library and PyYAML, so the student side may use it.
 """
@@ -20,11 +23,21 @@ import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "load_config_file", "parse_overrides", "config_to_dict"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "load_config_file",
+    "parse_overrides",
+    "parse_cli_args",
+    "config_to_dict",
+]
 
 T = TypeVar("T")
 
@@ -61,6 +74,26 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return nested
 
 
+def parse_cli_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with dotted ``key=value`` overrides accepted after flags too.
+
+    argparse gives a ``nargs="*"`` positional only the words before the first flag, so
+    ``run SPEC --no-progress labels.k=8`` would be refused (and ``parse_intermixed_args``
+    does not support subcommands). Here the words left over that look like overrides
+    (contain ``=``, do not start with ``-``) are appended, in order, to ``args.overrides``
+    when the chosen command has that argument; anything else is refused as argparse does.
+    """
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    takes_overrides = isinstance(overrides, list)
+    unknown = [w for w in extra if not takes_overrides or w.startswith("-") or "=" not in w]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*(overrides or []), *extra]
+    return args
+
+
 def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -88,9 +121,10 @@ def load_config_file(cls: type[T], path: str | Path, overrides: Iterable[str] = 
 def load_config(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """Build ``cls`` from a mapping; raises ConfigError listing every problem."""
     errors: list[str] = []
-    value = _build(cls, data, "", errors)
-    if not errors:
-        _run_checks(value, "", errors)
+    replaced: set[str] = set()  # dotted fields whose bad value was replaced by its default
+    value = _build(cls, data, "", errors, replaced)
+    if value is not None:
+        _run_checks(value, "", errors, replaced)
     if errors:
         raise ConfigError(errors, source)
     return value
@@ -113,7 +147,14 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
+def _build(cls: type, data: Any, path: str, errors: list[str], replaced: set[str]) -> Any:
+    """``cls`` built from ``data``, appending problems to ``errors``.
+
+    A level with problems still returns a stand-in, whose bad fields hold their defaults
+    (their dotted paths are added to ``replaced``), so that the rules of this level and
+    of the levels above it run too; None where a bad field has no default, after running
+    the rules of the parts below that did build.
+    """
     where = path or "the top level"
     if not isinstance(data, Mapping):
         errors.append(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
@@ -125,25 +166,50 @@ def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
     for key in unknown:
         errors.append(f"{_join(path, str(key))} is not a known field; expected one of: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
+    bad: list[str] = []  # fields whose value (or something inside it) has a problem
+    buildable = True
     for name, f in fields.items():
         dotted = _join(path, name)
+        start = len(errors)
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], dotted, errors)
+            kwargs[name] = _coerce(hints[name], data[name], dotted, errors, replaced)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _build(hints[name], {}, dotted, errors)
+                kwargs[name] = _build(hints[name], {}, dotted, errors, replaced)
             else:
                 errors.append(f"{dotted} is required")
-    if len(errors) > before:
-        # This level failed; still report rule violations of the parts that did build.
-        for name, value in kwargs.items():
-            if dataclasses.is_dataclass(value):
-                _run_checks(value, _join(path, name), errors)
-        return None
-    return cls(**kwargs)
+                buildable = False
+        if len(errors) > start and name in kwargs:
+            bad.append(name)
+    if len(errors) == before:
+        return cls(**kwargs)
+    for name in bad:
+        value = kwargs[name]
+        if _is_built(value):
+            continue  # a nested config (or a list of them) that stands in for itself
+        dotted = _join(path, name)
+        _check_parts(value, dotted, errors, replaced)  # the items of a list that did build
+        replaced.add(dotted)
+        del kwargs[name]
+        f = fields[name]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            buildable = False
+    if buildable:
+        return cls(**kwargs)
+    # No stand-in for this level: check the parts that did build, nobody above will.
+    for name, value in kwargs.items():
+        _check_parts(value, _join(path, name), errors, replaced)
+    return None
 
 
-def _coerce(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
+def _is_built(value: Any) -> bool:
+    """A config dataclass, or a non-empty list of them (possibly stand-ins)."""
+    if isinstance(value, tuple):
+        return bool(value) and all(_is_built(item) for item in value)
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _coerce(hint: Any, value: Any, path: str, errors: list[str], replaced: set[str]) -> Any:
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = get_args(hint)
@@ -151,10 +217,10 @@ def _coerce(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
             return None
         non_none = [o for o in options if o is not type(None)]
         if len(non_none) == 1:
-            return _coerce(non_none[0], value, path, errors)
+            return _coerce(non_none[0], value, path, errors, replaced)
         for option in non_none:
             trial: list[str] = []
-            out = _coerce(option, value, path, trial)
+            out = _coerce(option, value, path, trial, set())
             if not trial:
                 return out
         errors.append(f"{path} must be one of {hint}, got {value!r}")
@@ -165,14 +231,14 @@ def _coerce(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
             choices = ", ".join(repr(a) for a in allowed)
             errors.append(f"{path} must be one of {choices}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, errors)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, errors, replaced)
     if origin in (list, tuple, Sequence, typing.Sequence):
         (item_hint, *_) = get_args(hint) or (Any,)
         if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             errors.append(f"{path} must be a list, got {type(value).__name__} {value!r}")
             return None
-        items = [_coerce(item_hint, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        items = [_coerce(item_hint, v, f"{path}[{i}]", errors, replaced) for i, v in enumerate(value)]
         return tuple(items)
     if origin in (dict, Mapping) or hint is dict:
         if not isinstance(value, Mapping):
@@ -201,17 +267,22 @@ def _coerce(hint: Any, value: Any, path: str, errors: list[str]) -> Any:
     raise AssertionError(f"unsupported config type {hint!r} at {path}")
 
 
-def _run_checks(cfg: Any, path: str, errors: list[str]) -> None:
-    if not dataclasses.is_dataclass(cfg):
-        return
+def _check_parts(value: Any, path: str, errors: list[str], replaced: set[str]) -> None:
+    """Run the rules of ``value`` if it is a config, or of each config in it if it is a list."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_parts(item, f"{path}[{i}]", errors, replaced)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _run_checks(value, path, errors, replaced)
+
+
+def _run_checks(cfg: Any, path: str, errors: list[str], replaced: set[str]) -> None:
+    """Run ``cfg.check()`` and its nested configs' rules, skipping messages about ``replaced`` fields."""
     for f in dataclasses.fields(cfg):
-        child = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(child):
-            _run_checks(child, _join(path, f.name), errors)
-        elif isinstance(child, tuple):
-            for i, item in enumerate(child):
-                _run_checks(item, f"{_join(path, f.name)}[{i}]", errors)
+        _check_parts(getattr(cfg, f.name), _join(path, f.name), errors, replaced)
     check = getattr(cfg, "check", None)
     if callable(check):
         for field, message in check():
-            errors.append(f"{_join(path, field)} {message}")
+            dotted = _join(path, field)
+            if not any(dotted == r or dotted.startswith((f"{r}.", f"{r}[")) for r in replaced):
+                errors.append(f"{dotted} {message}")

@@ -53,6 +53,7 @@ __all__ = [
     "label_schema",
     "hidden_schema",
     "shard_name",
+    "unit_shard_prefix",
     "ShardRecord",
     "UnitRecord",
     "Manifest",
@@ -69,6 +70,7 @@ SPEC_NAME = "job-spec.yaml"  # beside the manifest, and the spec file `labelgen 
 SHARDS_DIR = "shards"
 HIDDEN_DIR = "hidden"
 COMMITS_DIR = "_commits"
+SHARD_PREFIX = "part-"  # shard stems: part-UUUUU-SSSSS (unit U, shard S)
 _VERSION_KEY = b"labelgen.format_version"
 
 
@@ -109,7 +111,12 @@ def hidden_schema(layers: Iterable[int]) -> pa.Schema:
 
 def shard_name(unit: int, shard: int) -> str:
     """Zero-padded shard stem; lexical order equals (unit, shard) order."""
-    return f"part-{unit:05d}-{shard:05d}"
+    return f"{unit_shard_prefix(unit)}{shard:05d}"
+
+
+def unit_shard_prefix(unit: int | None = None) -> str:
+    """The stem prefix every shard of ``unit`` (or, None, of any unit) starts with."""
+    return SHARD_PREFIX if unit is None else f"{SHARD_PREFIX}{unit:05d}-"
 
 
 def token_hash(input_ids: np.ndarray) -> int:

