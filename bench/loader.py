@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from labelgen.contract.format import MANIFEST_NAME, Manifest, join_url
+from labelgen.contract.storage import MIB
 from labelgen.labels import SequenceLabels
 from labelgen.packing import PackedSequence
 from labelgen.writer import ShardWriter
@@ -165,7 +166,7 @@ def main() -> None:
         print(
             f"dataset: {t['rows']} sequences, {t['label_positions']:,} label positions, k={args.k}, "
             f"{t['shards']} shards, {sum(s.row_groups for s in manifest.shards)} row groups, "
-            f"{t['bytes'] / 2**20:.1f} MiB ({t['bytes'] / t['label_positions']:.0f} B/position)"
+            f"{t['bytes'] / MIB:.1f} MiB ({t['bytes'] / t['label_positions']:.0f} B/position)"
         )
         n, b = args.repeats, args.batch
         readers = {

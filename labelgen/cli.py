@@ -78,6 +78,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from labelgen.contract.storage import MIB
     from labelgen.runner import run_job
     from labelgen.spec import load_spec
 
@@ -86,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     t = manifest.totals
     print(
         f"labeled {t['rows']} sequences / {t['tokens']} tokens into {t['shards']} shard(s) "
-        f"({t['bytes'] / 2**20:.2f} MiB) at {spec.output.url}; rejected: "
+        f"({t['bytes'] / MIB:.2f} MiB) at {spec.output.url}; rejected: "
         f"{', '.join(f'{k}={v}' for k, v in manifest.rejected.items()) or 'none'}"
     )
     return 0

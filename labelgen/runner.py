@@ -17,6 +17,7 @@ in this process; :mod:`labelgen.cluster` runs them on Ray actors. Both call
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -122,7 +123,7 @@ class JobPlan:
     units: dict[int, UnitRecord]
     done: Manifest | None = None  # set when the manifest already exists
 
-    @property
+    @functools.cached_property
     def commits(self) -> CommitLog:
         return CommitLog(self.fs, self.root)
 
@@ -144,7 +145,7 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
     if done is not None:
         return JobPlan(spec, sources, tokenizer, fs, root, {}, done)
     commits = CommitLog(fs, root)
-    _, units = commits.committed()
+    units = commits.units()
     # What the shards hold and the tokenizer, before any shard: a follower (a student
     # training while the job writes) reads them from the log, never from a shard.
     commits.write_job(

@@ -137,13 +137,11 @@ class LabelsSpec:
     seed: int = 0
     """Seed of the draws and of the hidden-state positions."""
     codec: Literal[CODEC_NAMES] = DEFAULT_CODEC  # type: ignore[valid-type]
-    """Top-k storage (:mod:`labelgen.contract.codecs`; byte layouts in docs/FORMAT.md):
-    'plain' (int32 ids + float32 log-probs, exact), 'compact-v1' (ids sorted and
-    gap-coded, log-probs quantised to 1/16 nat in uint8) or 'compact-v2' (id gaps as a
-    zstd-coded head byte plus raw low bits, sqrt-probabilities quantised for a mean KL of
-    ~5e-4 nats per position, float16 log tail mass; 25-40% of plain's bytes at k=64).
-    Compact codecs are decoded transparently by the student reader. The target log-prob
-    stays float32 in all of them."""
+    """Top-k storage: one of the registered codecs (``labelgen/contract/codecs/``, one
+    module each; byte layouts and measured sizes in docs/FORMAT.md). 'plain' stores
+    int32 ids + float32 log-probs exactly; the compact codecs trade a bounded KL (mean
+    <= 1e-3 nats per position) for 25-50% of plain's bytes. The student reader decodes
+    every codec transparently; the target log-prob stays float32."""
 
     def check(self):
         if self.k < 1:

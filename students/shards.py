@@ -36,6 +36,7 @@ from labelgen.contract.storage import MIB
 
 __all__ = [
     "VERIFY_POLICIES",
+    "check_verify_policy",
     "ChecksumError",
     "RowGroupRef",
     "Rows",
@@ -48,6 +49,12 @@ logger = logging.getLogger("students.stream")
 
 
 _VERIFIED: set[tuple[str, str, str]] = set()  # (dataset root, shard path, sha256) hashed in this process
+
+
+def check_verify_policy(verify: str) -> None:
+    """Raise ValueError naming the policies unless ``verify`` is one of them."""
+    if verify not in VERIFY_POLICIES:
+        raise ValueError(f"verify={verify!r} is not a policy; choose one of {', '.join(VERIFY_POLICIES)}")
 
 
 class ChecksumError(FormatError):
@@ -154,8 +161,7 @@ class ShardReader:
         cache_mib: float = 512,
         log: Callable[[str], None] | None = None,
     ):
-        if verify not in VERIFY_POLICIES:
-            raise ValueError(f"verify={verify!r} is not a policy; choose one of {', '.join(VERIFY_POLICIES)}")
+        check_verify_policy(verify)
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.records, self.k, self.verify = records, k, verify
@@ -210,17 +216,20 @@ class ShardReader:
         any of the rows out.
         """
         path = join_url(self.root, ref.shard)
-        verdict = self._verdict(ref.shard)
+        with self._lock:  # a verdict is set before its pending entry goes: one of them is seen
+            verdict = self._verdict(ref.shard)
+            pending = self._pending.get(ref.shard)
         if verdict is False:
             return None, None
         if self.verify == "off" or verdict is True:
             return self._decode(ref, path, self._buffered(ref.shard)), None
-        if ref.shard not in self._pending:
-            started = self._start(ref.shard, path)
-            if started is None:
+        if pending is None:
+            pending = self._start(ref.shard, path)
+            if pending is None:
                 return None, None
-            self._pending[ref.shard] = started
-        data = self._pending[ref.shard][1]
+            with self._lock:
+                self._pending[ref.shard] = pending
+        data = pending[1]
         try:
             rows: Rows | None = self._decode(ref, path, pa.BufferReader(data))
         except FormatError:
@@ -244,7 +253,8 @@ class ShardReader:
             started = self._start(file, path)
             if started is None:
                 return None
-            self._pending[file] = started
+            with self._lock:
+                self._pending[file] = started
             if not self._settle(file):
                 return None
         buffered = self._buffered(file)
@@ -300,25 +310,31 @@ class ShardReader:
         return self._pool.submit(lambda: hashlib.sha256(data).hexdigest()), data
 
     def _settle(self, file: str) -> bool:
-        """Wait for a file's hash; apply the policy once. True: verified."""
+        """Wait for a file's hash (without holding the lock); apply the policy once. True: verified."""
         with self._lock:
             if file in self._verdicts:
                 return self._verdicts[file]
-            future, data = self._pending.pop(file)
-            expected = self._expected(file)
-            assert expected is not None  # _start refused files without a record
-            actual = future.result()
-            if actual != expected[1]:
-                self._reject(file, f"has sha256 {actual}, its record says {expected[1]} (corrupt)")
-                return False
-            self._verdicts[file] = True
-            self.verified.add(file)
-            _VERIFIED.add(self._key(file))
-            if len(data) <= self.cache_bytes:
-                self._buffers[file] = data
-                while sum(len(b) for b in self._buffers.values()) > self.cache_bytes:
-                    self._buffers.popitem(last=False)
-            return True
+            future, data = self._pending[file]
+        actual = future.result()
+        with self._lock:
+            if file in self._verdicts:  # settled by another thread meanwhile
+                return self._verdicts[file]
+            try:
+                expected = self._expected(file)
+                assert expected is not None  # _start refused files without a record
+                if actual != expected[1]:
+                    self._reject(file, f"has sha256 {actual}, its record says {expected[1]} (corrupt)")
+                    return False
+                self._verdicts[file] = True
+                self.verified.add(file)
+                _VERIFIED.add(self._key(file))
+                if len(data) <= self.cache_bytes:
+                    self._buffers[file] = data
+                    while sum(len(b) for b in self._buffers.values()) > self.cache_bytes:
+                        self._buffers.popitem(last=False)
+                return True
+            finally:
+                self._pending.pop(file, None)
 
     def _decode(self, ref: RowGroupRef, path: str, source: pa.BufferReader | None) -> Rows:
         try:

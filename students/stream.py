@@ -42,7 +42,7 @@ from labelgen.contract.commits import CommitLog
 from labelgen.contract.dataset import labels_layout, read_manifest, read_manifest_if_complete
 from labelgen.contract.format import FormatError, Manifest, ShardRecord
 from students.hidden import read_hidden
-from students.shards import VERIFY_POLICIES, ChecksumError, RowGroupRef, Rows, ShardReader, decode_rows
+from students.shards import ChecksumError, RowGroupRef, Rows, ShardReader, check_verify_policy, decode_rows
 
 __all__ = [
     "RowGroupRef",
@@ -225,8 +225,7 @@ class LabelStream:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if verify not in VERIFY_POLICIES:
-            raise ValueError(f"verify={verify!r} is not a policy; choose one of {', '.join(VERIFY_POLICIES)}")
+        check_verify_policy(verify)
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.follow, self.hidden = follow, hidden
@@ -461,20 +460,24 @@ class LabelStream:
         Row groups are read and decoded ``prefetch`` ahead in a background thread; a shard's
         rows are handed out only after its checksum verdict (:meth:`ShardReader.read_pending`).
         """
-        readers: list[ShardReader] = []  # made at the first row group: a follower knows k by then
+        reader: ShardReader | None = None  # made at the first row group: a follower knows k by then
         stop = threading.Event()
         plan = self._plan(worker, cursor, stop)
 
         def load(item: tuple) -> tuple:
+            nonlocal reader
             ref, start, at, end = item
-            if not readers:
-                readers.append(self._reader())
-            reader = readers[0]
+            if reader is None:
+                reader = self._reader()
             rows, check = reader.read_pending(ref)  # a first-touch shard is hashed meanwhile
             if self.hidden and rows is not None:
                 assert self.manifest is not None  # hidden excludes follow mode
                 hidden = read_hidden(self.url, self.manifest, ref, rows, reader=reader)
-                rows = None if hidden is None else (rows, hidden)  # None: hidden shard skipped
+                if hidden is None:  # its hidden shard was skipped: so are its rows
+                    if check is not None:
+                        check()  # settle the label shard's hash too (frees its buffer)
+                    return ref, start, at, end, None, None
+                rows = (rows, hidden)
             return ref, start, at, end, rows, check
 
         items: Iterator[tuple]
@@ -493,7 +496,7 @@ class LabelStream:
                     batch = collate(rows, range(row, stop_row))
                     if hidden is not None:
                         batch.update(collate_hidden(hidden, range(row, stop_row)))
-                    yield batch, after, list(readers[0].skipped)
+                    yield batch, after, list(reader.skipped if reader is not None else [])
         finally:
             stop.set()
             if hasattr(items, "close"):

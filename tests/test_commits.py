@@ -33,12 +33,13 @@ def test_records_round_trip_sorted_and_per_unit(tmp_path):
     log.write_unit(UnitRecord(0, "file:///a.jsonl", 6, 60, 2, {"empty_text": 1}, "cd"))
     log.write_job(JobRecord(k=8, codec="compact-v2", products={"draws": {"n": 4}}))
     log.write_tokenizer({"fingerprint": "f"})
+    assert log.job().format_version == "1.0"
     log.write_teacher({"engine": "fake"})
     log.write_sources([{"url": "a", "size": 1}])
     (tmp_path / "ds" / "_commits" / "part-00002-00000.json.tmp-123").write_text("{")  # a write in flight
     shards, units = log.committed()
     assert [(s.unit, s.index) for s in shards] == [(0, 0), (0, 1), (1, 0), (10, 0)]
-    assert list(units) == [0] and units[0].rejected == {"empty_text": 1}
+    assert list(units) == [0] and units[0].rejected == {"empty_text": 1} and log.units() == units
     assert [(s.unit, s.index) for s in log.shards(0)] == [(0, 0), (0, 1)] and log.shards(2) == []
     assert log.count_shards() == 4
     assert log.job() == JobRecord(k=8, codec="compact-v2", products={"draws": {"n": 4}})
@@ -83,3 +84,12 @@ def test_a_job_without_a_teacher_record_is_refused_at_the_end(teacher_dir, corpu
     (tmp_path / "ds" / "_commits" / "teacher.json").unlink()
     with pytest.raises(JobError, match="no teacher record"):
         finish_job(plan_job(spec))
+
+
+def test_a_job_record_of_another_major_version_is_refused(tmp_path):
+    from labelgen.contract.format import FormatError
+
+    log = CommitLog.at(str(tmp_path / "ds"))
+    log.write_job(JobRecord(k=8, codec="plain", format_version="2.0"))
+    with pytest.raises(FormatError, match="format version 2.0, this reader supports 1.0"):
+        log.job()

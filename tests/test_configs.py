@@ -166,6 +166,23 @@ def test_a_field_with_a_type_error_gets_no_second_message():
     ]
 
 
+def test_a_cross_field_rule_that_names_a_replaced_field_is_not_reported():
+    # data.mixture takes its default ([]), model.init its default (None): the "xor" rules
+    # that name them would fire on the stand-ins, not on what the user wrote.
+    student = {
+        "model": {"init": "llama", "tokenizer": "/t"},
+        "data": {"mixture": "a,b"},
+        "train": {"output_dir": "/o", "log_every": 0},
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, student)
+    assert info.value.errors == [
+        "model.init must be a mapping, got str 'llama'",
+        "data.mixture must be a list, got str 'a,b'",
+        "train.log_every must be >= 1",
+    ]
+
+
 def test_list_items_that_built_are_checked_next_to_those_that_did_not():
     student = {
         "model": {"path": "/s"},

@@ -83,7 +83,7 @@ def test_retry_backs_off_logs_and_gives_up(caplog):
             raise ConnectionError("connection reset")
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="labelgen.storage"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.contract.storage"):
         assert retry(flaky, "upload x", sleep=delays.append) == "ok"
     assert len(calls) == 3 and len(delays) == 2 and delays[1] > delays[0] > 0
     assert [r.getMessage().split(" failed")[0] for r in caplog.records] == ["upload x", "upload x"]
@@ -181,7 +181,7 @@ def test_transient_store_errors_are_retried_and_the_dataset_is_whole(
 ):
     flaky = Flaky(monkeypatch, every=3)
     spec = spec_for(teacher_dir, f"{corpus_dir}/*.jsonl", f"{bucket}/flaky")
-    with caplog.at_level(logging.WARNING, logger="labelgen.storage"):
+    with caplog.at_level(logging.WARNING, logger="labelgen.contract.storage"):
         run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
     assert flaky.failures >= 5
     assert sum("retry 1/4" in r.getMessage() for r in caplog.records) == flaky.failures

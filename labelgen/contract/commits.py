@@ -30,6 +30,7 @@ import fsspec
 from labelgen.contract.format import (
     COMMITS_DIR,
     FORMAT_VERSION,
+    FormatError,
     ShardRecord,
     UnitRecord,
     join_url,
@@ -126,10 +127,20 @@ class CommitLog:
 
     def job(self) -> JobRecord | None:
         """What the job's shards hold (None: no job started here, or one written before the
-        record existed)."""
+        record existed).
+
+        Raises:
+            FormatError: the record was written by a labelgen of another major format version.
+        """
         data = self._optional(JOB_RECORD)
         if data is None:
             return None
+        found = str(data.get("format_version", FORMAT_VERSION))
+        if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+            raise FormatError(
+                f"{self.path(JOB_RECORD)} has format version {found}, this reader supports "
+                f"{FORMAT_VERSION}; install the labelgen release that matches the dataset"
+            )
         known = {f.name for f in dataclasses.fields(JobRecord)}
         return JobRecord(**{key: value for key, value in data.items() if key in known})
 
@@ -141,15 +152,24 @@ class CommitLog:
         """The running engine's provenance (None before the first engine started)."""
         return self._optional(TEACHER_RECORD)
 
-    def committed(self, unit: int | None = None) -> tuple[list[ShardRecord], dict[int, UnitRecord]]:
+    def committed(self) -> tuple[list[ShardRecord], dict[int, UnitRecord]]:
         """Committed shard records sorted by (unit, index) and finished unit records, read
-        fresh in one listing; with ``unit``, only that unit's shard records (and no units)."""
-        if unit is not None:
-            prefixes: tuple[str, ...] = (unit_shard_prefix(unit),)
-        else:
-            prefixes = (unit_shard_prefix(), _UNIT_PREFIX)
-        common = prefixes[0] if len(prefixes) == 1 else ""
-        shards, units = [], {}
+        fresh in one listing."""
+        shards, units = self._records((unit_shard_prefix(), _UNIT_PREFIX), "")
+        return shards, {record.unit: record for record in units}
+
+    def shards(self, unit: int | None = None) -> list[ShardRecord]:
+        """Committed shard records (of one unit, or all), sorted by (unit, index), read fresh;
+        only shard records are listed (by key prefix where the store allows)."""
+        prefix = unit_shard_prefix(unit)
+        return self._records((prefix,), prefix)[0]
+
+    def units(self) -> dict[int, UnitRecord]:
+        """Finished unit records by unit, read fresh (only unit records are listed)."""
+        return {record.unit: record for record in self._records((_UNIT_PREFIX,), _UNIT_PREFIX)[1]}
+
+    def _records(self, prefixes: tuple[str, ...], common: str) -> tuple[list[ShardRecord], list[UnitRecord]]:
+        shards, units = [], []
         for path in self._list(common):
             name = path.rsplit("/", 1)[-1]
             if not name.endswith(_SUFFIX) or not name.startswith(prefixes):
@@ -158,14 +178,9 @@ class CommitLog:
             if name.startswith(unit_shard_prefix()):
                 shards.append(ShardRecord(**data))
             else:
-                record = UnitRecord(**data)
-                units[record.unit] = record
+                units.append(UnitRecord(**data))
         shards.sort(key=lambda r: (r.unit, r.index))
         return shards, units
-
-    def shards(self, unit: int | None = None) -> list[ShardRecord]:
-        """Committed shard records (of one unit, or all), sorted by (unit, index)."""
-        return self.committed(unit)[0]
 
     def count_shards(self) -> int:
         """How many shard records are listed (no record is read)."""

@@ -10,8 +10,9 @@ A dataclass may define ``check(self) -> Iterable[tuple[str, str]]`` yielding
 ``(field, message)`` pairs for cross-field rules; the field is relative to that
 dataclass and is prefixed with its dotted path here. Rules run even where a field
 has the wrong type, if that field has a default: the rules then see the default, and
-their messages about that field are dropped (its type error is the one reported), so
-one run lists type errors and rule violations together.
+their messages about that field (naming it as their field or in their text) are
+dropped (its type error is the one reported), so one run lists type errors and rule
+violations together.
 
 Imports only the standard library and PyYAML, so the student side may use it.
 """
@@ -19,6 +20,7 @@ Imports only the standard library and PyYAML, so the student side may use it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -284,5 +286,16 @@ def _run_checks(cfg: Any, path: str, errors: list[str], replaced: set[str]) -> N
     if callable(check):
         for field, message in check():
             dotted = _join(path, field)
-            if not any(dotted == r or dotted.startswith((f"{r}.", f"{r}[")) for r in replaced):
+            if not any(_about(dotted, message, r) for r in replaced):
                 errors.append(f"{dotted} {message}")
+
+
+def _about(dotted: str, message: str, replaced: str) -> bool:
+    """True if a rule's message concerns a field whose bad value was replaced by its default:
+    the rule names it (or a field inside it) as its field, or mentions it in its text, as
+    cross-field rules do ("data.url xor data.mixture must be set")."""
+    return (
+        dotted == replaced
+        or dotted.startswith((f"{replaced}.", f"{replaced}["))
+        or re.search(rf"(?<![\w.]){re.escape(replaced)}(?![\w])", message) is not None
+    )

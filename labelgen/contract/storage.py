@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-log = logging.getLogger("labelgen.storage")
+log = logging.getLogger(__name__)
 _sleep = time.sleep  # tests replace it to retry without waiting
 
 MIB = 1 << 20
