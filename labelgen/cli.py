@@ -65,11 +65,13 @@ def _address(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from labelgen.contract.codecs import get_codec
     from labelgen.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     print(f"{args.spec}: OK (spec sha256 {spec.content_hash()[:16]}…)")
     print(f"  teacher {spec.teacher.model}, k={spec.labels.k}, seq_len={spec.packing.seq_len}")
+    print(f"  top-k codec {spec.labels.codec}: {get_codec(spec.labels.codec).summary}")
     print(f"  {len(spec.corpus.sources)} corpus pattern(s) → {spec.output.url}")
     gpus = spec.cluster.gpus_per_replica
     gpus_text = f"{gpus:g}" if gpus is not None else f"auto ({spec.model_parallel_size()} on GPU clusters)"

@@ -165,6 +165,13 @@ def _teacher_problems(cfg: TrainConfig, manifests: Mapping[str, Manifest | None]
             yield f"data.teachers: {source.url} is still being written; an ensemble needs it complete"
 
 
+def teacher_hidden_dims(stage: StageConfig, manifests: Mapping[str, Manifest | None]) -> list[int]:
+    """The distinct teacher hidden sizes of a stage's datasets that carry hidden states, sorted."""
+    assert stage.mixture is not None  # resolved_stages fills it
+    products = [m.products.get("hidden") for s in stage.mixture if (m := manifests[s.url]) is not None]
+    return sorted({int(p["dim"]) for p in products if p})
+
+
 def _hidden_problems(
     stage: StageConfig, manifests: Mapping[str, Manifest | None], model_config: Any
 ) -> Iterator[str]:
@@ -174,7 +181,6 @@ def _hidden_problems(
     spec = stage.loss.hidden
     if spec is None:
         return
-    dims = set()
     for source in stage.mixture:
         manifest = manifests[source.url]
         product = manifest.products.get("hidden") if manifest is not None else None
@@ -190,7 +196,7 @@ def _hidden_problems(
                 f"loss.hidden.layer_map uses teacher layer(s) {missing}, but {source.url} stores "
                 f"layers {product['layers']}; map to stored layers"
             )
-        dims.add(int(product["dim"]))
+    dims = teacher_hidden_dims(stage, manifests)
     if len(dims) > 1:
         yield f"stage {stage.name!r}: its datasets' teacher hidden sizes differ ({sorted(dims)})"
     n_states = model_config.num_hidden_layers + 1

@@ -36,6 +36,7 @@ from torch import nn
 
 from labelgen.contract.format import Manifest
 from students.chunked_loss import chunked_kd_loss
+from students.compatibility import teacher_hidden_dims
 from students.config import LossConfig, StageConfig
 from students.hidden_losses import HiddenStateDistiller
 from students.losses import kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
@@ -290,13 +291,8 @@ def build_hidden_heads(
         spec = stage.loss.hidden
         if spec is None:
             continue
-        dims = set()
-        for source in stage.mixture:
-            manifest = manifests[source.url]
-            assert manifest is not None, "a hidden-state loss needs complete datasets (compatibility)"
-            dims.add(int(manifest.products["hidden"]["dim"]))
-        assert len(dims) == 1, f"teacher hidden sizes differ {sorted(dims)} (compatibility)"
+        (teacher_dim,) = teacher_hidden_dims(stage, manifests)  # one size: checked by compatibility
         heads[index] = HiddenStateDistiller(
-            spec.layer_map, model_config.hidden_size, dims.pop(), kind=spec.kind
+            spec.layer_map, model_config.hidden_size, teacher_dim, kind=spec.kind
         )
     return heads

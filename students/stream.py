@@ -390,11 +390,13 @@ class LabelStream:
         done = {int(u): int(i) for u, i in state["units"].items()}  # next unread index per unit
         active = state["active"]
         seen, last_new = -1, time.monotonic()
+        looked = False  # for the job record: it precedes the first shard record, or is never written
         while not stop.is_set():
             manifest = read_manifest_if_complete(self.fs, self.root)  # before listing: then complete
             records = manifest.shards if manifest is not None else CommitLog(self.fs, self.root).shards()
             self.records.update({r.path: r for r in records})
-            if records and self.k is None:  # the job record precedes the first shard record
+            if records and self.k is None and (not looked or manifest is not None):
+                looked = True
                 self._adopt_layout(manifest)
             shards: dict[int, list[ShardRecord]] = {}
             for r in sorted(records, key=lambda r: (r.unit, r.index)):

@@ -283,3 +283,11 @@ def test_students_overrides_anywhere_after_the_config(capsys):
         students_cli.main(["train", str(config), "--bogus", "optim.lr=1e-3"])
     assert info.value.code == 2
     assert "students: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_validate_names_the_codec_and_what_it_stores(capsys):
+    from labelgen.contract.codecs import get_codec
+
+    spec = REPO / "manifests" / "jobs" / "tiny-cpu.yaml"
+    assert labelgen_cli.main(["validate", str(spec), "labels.codec=compact-v2"]) == 0
+    assert f"top-k codec compact-v2: {get_codec('compact-v2').summary}" in capsys.readouterr().out
