@@ -5,7 +5,7 @@ BIN := .venv/bin
 STAMP := .venv/.labelgen-setup
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit lint bench
+.PHONY: help setup demo test test-unit lint fuzz bench
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,14 @@ test: ## the whole suite, unit + integration (= bash scripts/test.sh)
 
 test-unit: ## the unit tier only
 	bash scripts/test.sh -m "not integration"
+
+# The fuzz targets (tests/test_fuzz_*.py) run in every `make test` at a fixed, seeded
+# 100 examples each; this runs them with FUZZ_EXAMPLES each from a fresh random seed,
+# keeping what hypothesis finds in .hypothesis/ (replayed first on the next run).
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP) ## the fuzz targets, longer (FUZZ_EXAMPLES=5000 each, random seed)
+	LABELGEN_FUZZ=long LABELGEN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz --timeout 0 \
+		--hypothesis-show-statistics -q
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy (files: [tool.mypy] in pyproject.toml)
 	$(BIN)/ruff check .

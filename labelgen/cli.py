@@ -92,6 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         f"({t['bytes'] / MIB:.2f} MiB) at {spec.output.url}; rejected: "
         f"{', '.join(f'{k}={v}' for k, v in manifest.rejected.items()) or 'none'}"
     )
+    skipped = manifest.corpus.get("skipped_sources") or {}
+    if skipped:
+        print(f"left out {len(skipped)} unreadable source(s): {', '.join(skipped)}")
     return 0
 
 

@@ -5,8 +5,17 @@ work unit of a labeling job. Reading a source yields :class:`Record` objects (a
 text or a chat) and :class:`Rejected` objects (the record index and a reason), in
 file order, so a re-run reads the same records with the same indices.
 
-Rejection reasons: ``malformed_json``, ``missing_field``, ``wrong_type``,
-``empty_text``, ``invalid_utf8``, ``too_long``.
+The reader is the one place that decides what a valid record is: a :class:`Record`
+holds only clean ``str`` (encodable as UTF-8, no lone surrogates) and, for chats, a
+bounded list of ``{"role", "content"}`` messages with known roles, so the tokenizer
+never sees anything else. Every other record becomes a :class:`Rejected` with one of
+the reasons in :data:`REJECTION_REASONS` (packing adds its own there too), and the job
+goes on.
+
+Sources are checked before the model loads (:func:`check_sources`): each is opened
+far enough to prove it readable (Parquet footer and schema, the first block of a
+compressed stream, a saved dataset's metadata and Arrow files). A source that breaks
+later, mid-read, raises :class:`SourceError` naming the file and the record reached.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +31,40 @@ import fsspec
 
 from labelgen.spec import CorpusSpec
 
-__all__ = ["Source", "Record", "Rejected", "CorpusError", "resolve_sources", "read_source", "source_sha256"]
+__all__ = [
+    "REJECTION_REASONS",
+    "CHAT_ROLES",
+    "Source",
+    "Record",
+    "Rejected",
+    "CorpusError",
+    "SourceError",
+    "resolve_sources",
+    "check_sources",
+    "read_source",
+    "source_sha256",
+]
+
+REJECTION_REASONS = {
+    "malformed_json": "a jsonl line is not a JSON object",
+    "too_deep": "a jsonl line nests JSON deeper than the parser allows",
+    "invalid_utf8": "the bytes are not UTF-8",
+    "invalid_text": "the text holds code points no tokenizer can encode (lone surrogates)",
+    "missing_field": "the record has no text_field (and no messages_field)",
+    "wrong_type": "the text field is not a string, or the messages field is not a list",
+    "bad_message": "a chat message is not a mapping with string 'role' and 'content'",
+    "unknown_role": "a chat message's role is not one of CHAT_ROLES",
+    "too_many_messages": "a chat has more than corpus.max_messages messages",
+    "empty_text": "the text (or every assistant turn) is blank",
+    "too_long": "the record is longer than corpus.max_record_chars",
+    "chat_template_error": "the tokenizer's chat template refused the conversation",
+    "chat_not_prefix": "the chat template does not render the conversation's turns as prefixes",
+    "too_short": "a packed sequence is shorter than packing.min_tokens",
+}
+"""Every reason a record (or a packed sequence) is left out, as counted in the manifest."""
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+"""Roles a chat message may have; any other is rejected as ``unknown_role``."""
 
 _JSONL = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 _TEXT = (".txt", ".md", ".txt.gz", ".txt.zst", ".text")
@@ -29,6 +72,10 @@ _TEXT = (".txt", ".md", ".txt.gz", ".txt.zst", ".text")
 
 class CorpusError(ValueError):
     """A corpus URL is unreadable or of an unknown format (raised before the model loads)."""
+
+
+class SourceError(CorpusError):
+    """A source that passed its check broke while being read (truncated, replaced, ...)."""
 
 
 @dataclass(frozen=True)
@@ -127,50 +174,118 @@ def source_sha256(source: Source) -> str:
     return digest.hexdigest()
 
 
+def _clean(text: str) -> bool:
+    """True if ``text`` can be encoded as UTF-8 (Python strings may hold lone surrogates,
+    e.g. from a JSON escape of half a surrogate pair; tokenizers refuse them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_text(index: int, value: Any, max_chars: int, progress: int) -> Record | Rejected:
     if not isinstance(value, str):
         return Rejected(index, "wrong_type", progress)
-    if not value.strip():
-        return Rejected(index, "empty_text", progress)
     if len(value) > max_chars:
         return Rejected(index, "too_long", progress)
+    if not _clean(value):
+        return Rejected(index, "invalid_text", progress)
+    if not value.strip():
+        return Rejected(index, "empty_text", progress)
     return Record(index, text=value, progress=progress)
 
 
-def _check_messages(index: int, value: Any, max_chars: int, progress: int) -> Record | Rejected:
-    ok = (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    )
-    if not ok:
+def _check_messages(index: int, value: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
+    """A chat record of clean ``{"role", "content"}`` messages (other keys are dropped)."""
+    if not isinstance(value, list) or not value:
         return Rejected(index, "wrong_type", progress)
-    if sum(len(m["content"]) for m in value) > max_chars:
-        return Rejected(index, "too_long", progress)
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+    if len(value) > spec.max_messages:
+        return Rejected(index, "too_many_messages", progress)
+    messages = []
+    chars = 0
+    for message in value:
+        if not isinstance(message, dict):
+            return Rejected(index, "bad_message", progress)
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            return Rejected(index, "bad_message", progress)
+        if role not in CHAT_ROLES:
+            return Rejected(index, "unknown_role", progress)
+        chars += len(content)
+        if chars > spec.max_record_chars:
+            return Rejected(index, "too_long", progress)
+        if not _clean(content):
+            return Rejected(index, "invalid_text", progress)
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return Rejected(index, "empty_text", progress)
-    return Record(index, messages=value, progress=progress)
+    return Record(index, messages=messages, progress=progress)
 
 
 def _from_mapping(index: int, row: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
     if not isinstance(row, dict):
         return Rejected(index, "malformed_json", progress)
     if spec.messages_field and row.get(spec.messages_field) is not None:
-        return _check_messages(index, row[spec.messages_field], spec.max_record_chars, progress)
+        return _check_messages(index, row[spec.messages_field], spec, progress)
     if spec.text_field not in row or row[spec.text_field] is None:
         return Rejected(index, "missing_field", progress)
     return _check_text(index, row[spec.text_field], spec.max_record_chars, progress)
 
 
+_CHUNK = 1 << 20
+
+
+def _lines(f: Any, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, bytes consumed) per line of ``f`` (read in chunks; any file object); line None
+    for a line of more than ``limit`` bytes (newline not counted), skipped, never held whole."""
+    pending = bytearray()
+    skipped = -1  # bytes of an over-long line skipped so far; -1 while not skipping
+    while chunk := f.read(_CHUNK):
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start : end + 1]
+            start = end + 1
+            if skipped >= 0:
+                yield None, skipped + len(piece)
+                skipped = -1
+            elif len(pending) + len(piece) - 1 > limit:
+                yield None, len(pending) + len(piece)
+                pending.clear()
+            else:
+                pending += piece
+                yield bytes(pending), len(pending)
+                pending.clear()
+        rest = chunk[start:]
+        if skipped >= 0:
+            skipped += len(rest)
+        elif len(pending) + len(rest) > limit:
+            skipped = len(pending) + len(rest)
+            pending.clear()
+        else:
+            pending += rest
+    if skipped >= 0:
+        yield None, skipped
+    elif pending:
+        yield bytes(pending), len(pending)
+
+
+def _line_limit(spec: CorpusSpec) -> int:
+    """Bytes a jsonl line may have: a record of max_record_chars characters, each escaped
+    as a six-byte JSON escape at worst, plus the rest of the object."""
+    return 6 * spec.max_record_chars + (1 << 16)
+
+
 def _read_jsonl(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     consumed = 0
+    limit = _line_limit(spec)
     with fsspec.open(source.url, "rb", compression="infer") as f:
-        for index, raw in enumerate(f):
-            consumed += len(raw)
+        for index, (raw, size) in enumerate(_lines(f, limit)):
+            consumed += size
             progress = min(consumed, source.size)
+            if raw is None:
+                yield Rejected(index, "too_long", progress)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -183,6 +298,9 @@ def _read_jsonl(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]
                 row = json.loads(line)
             except json.JSONDecodeError:
                 yield Rejected(index, "malformed_json", progress)
+                continue
+            except RecursionError:
+                yield Rejected(index, "too_deep", progress)
                 continue
             yield _from_mapping(index, row, spec, progress)
 
@@ -216,13 +334,16 @@ def _read_rows(rows: Iterator[dict[str, Any]], total: int, source: Source, spec:
         yield _from_mapping(index, row, spec, progress)
 
 
+def _parquet_columns(names: list[str], spec: CorpusSpec) -> list[str]:
+    return [c for c in (spec.text_field, spec.messages_field) if c and c in names]
+
+
 def _read_parquet(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     import pyarrow.parquet as pq
 
     with fsspec.open(source.url, "rb") as f:
         pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        columns = [c for c in (spec.text_field, spec.messages_field) if c and c in names]
+        columns = _parquet_columns(pf.schema_arrow.names, spec)
 
         def rows() -> Iterator[dict[str, Any]]:
             for batch in pf.iter_batches(batch_size=1024, columns=columns or None):
@@ -231,22 +352,155 @@ def _read_parquet(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejecte
         yield from _read_rows(rows(), pf.metadata.num_rows, source, spec)
 
 
-def _read_hf(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise CorpusError("reading saved HF datasets needs `pip install 'labelgen[hf]'`") from exc
-    ds = datasets.load_from_disk(source.url)
-    if isinstance(ds, datasets.DatasetDict):
+def _hf_files(source: Source) -> list[str]:
+    """The Arrow files of a saved ``datasets`` directory, in order, from its ``state.json``.
+
+    Read with pyarrow, not ``datasets``: every record batch is validated before a value
+    is touched, where a memory-mapped damaged file could crash the process.
+    """
+    fs, root = fsspec.core.url_to_fs(source.url)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/dataset_dict.json"):
         raise CorpusError(
-            f"{source.url} holds a DatasetDict ({', '.join(ds)}); point corpus.sources at one split"
+            f"{source.url} holds a DatasetDict (several splits); point corpus.sources at the "
+            "directory of one split"
         )
-    yield from _read_rows(iter(ds), len(ds), source, spec)
+    try:
+        state = json.loads(fs.cat_file(f"{root}/state.json"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except FileNotFoundError:
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.arrow"))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CorpusError(f"{source.url} has a damaged state.json ({type(exc).__name__}: {exc})") from exc
+    bad = [n for n in names if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..")]
+    if bad or not names:
+        raise CorpusError(
+            f"{source.url}: state.json lists no Arrow files or names outside the directory: {bad}"
+        )
+    return [fs.unstrip_protocol(f"{root}/{name}") for name in names]
+
+
+def _hf_batches(url: str, columns: list[str] | None) -> Iterator[Any]:
+    """Validated record batches of one Arrow stream file (only ``columns``, if given)."""
+    import pyarrow as pa
+
+    with fsspec.open(url, "rb") as f:
+        reader = pa.ipc.open_stream(f)
+        names = reader.schema.names
+        wanted = [c for c in columns if c in names] if columns is not None else names
+        for batch in reader:
+            batch = batch.select(wanted)
+            batch.validate(full=True)  # offsets and lengths inside their buffers
+            yield batch
+
+
+def _read_hf(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
+    files = _hf_files(source)
+    columns = [c for c in (spec.text_field, spec.messages_field) if c]
+    index = 0
+    for number, url in enumerate(files):
+        for batch in _hf_batches(url, columns):
+            for row in batch.to_pylist():
+                yield _from_mapping(index, row, spec, source.size * number // len(files))
+                index += 1
 
 
 _READERS = {"jsonl": _read_jsonl, "text": _read_text, "parquet": _read_parquet, "hf": _read_hf}
 
 
 def read_source(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    """Records of one source, in order; bad records come out as Rejected."""
-    return _READERS[source.format](source, spec)
+    """Records of one source, in order; bad records come out as Rejected.
+
+    Raises:
+        SourceError: the source broke while being read (names the file and the last
+            record read); records read before it were already yielded.
+    """
+    last = -1
+    try:
+        for item in _READERS[source.format](source, spec):
+            last = item.index
+            yield item
+    except CorpusError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, the file is named
+        raise SourceError(
+            f"corpus source {source.url} broke while being read, "
+            f"{f'after record {last}' if last >= 0 else 'before its first record'}: "
+            f"{type(exc).__name__}: {exc}. Its header was readable when the job was planned, so it "
+            "was truncated or changed since, or is damaged past its header; restore or repair it and "
+            "re-run the job (committed shards are kept), or remove it and use a new output.url"
+        ) from exc
+
+
+# -- checks before the model loads --------------------------------------------------------
+def _check_stream(source: Source, spec: CorpusSpec) -> None:
+    """Open a (possibly compressed) jsonl/text file and decode its first block."""
+    with fsspec.open(source.url, "rb", compression="infer") as f:
+        f.read(1 << 16)
+
+
+def _check_parquet(source: Source, spec: CorpusSpec) -> None:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(source.url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if not _parquet_columns(names, spec):
+            wanted = " or ".join(repr(c) for c in (spec.text_field, spec.messages_field) if c)
+            raise CorpusError(
+                f"has no column {wanted} (columns: {', '.join(names) or 'none'}); set corpus.text_field "
+                "(or corpus.messages_field) to the column holding the text"
+            )
+        for group in range(pf.metadata.num_row_groups):
+            pf.metadata.row_group(group)  # every row group's metadata parses
+
+
+def _check_hf(source: Source, spec: CorpusSpec) -> None:
+    import pyarrow as pa
+
+    for url in _hf_files(source):
+        with fsspec.open(url, "rb") as f:
+            names = pa.ipc.open_stream(f).schema.names
+        if not _parquet_columns(names, spec):
+            raise CorpusError(
+                f"has no column {spec.text_field!r} in {url.rsplit('/', 1)[-1]} (columns: "
+                f"{', '.join(names)}); set corpus.text_field"
+            )
+    next(_hf_batches(_hf_files(source)[0], None), None)  # the first batch decodes
+
+
+_CHECKS = {"jsonl": _check_stream, "text": _check_stream, "parquet": _check_parquet, "hf": _check_hf}
+
+
+def _source_problem(source: Source, spec: CorpusSpec) -> str | None:
+    try:
+        _CHECKS[source.format](source, spec)
+    except CorpusError as exc:
+        return str(exc).removeprefix(f"{source.url} ")
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises is the reason
+        return f"is not a readable {source.format} source: {type(exc).__name__}: {exc}"
+    return None
+
+
+def check_sources(sources: list[Source], spec: CorpusSpec) -> tuple[list[Source], dict[str, str]]:
+    """Open every source far enough to prove it readable (in parallel, before the model loads).
+
+    Returns the readable sources and ``{name: reason}`` of the others, which
+    ``corpus.on_bad_source: skip`` leaves out of the job.
+
+    Raises:
+        CorpusError: some source is unreadable and ``corpus.on_bad_source`` is 'error'
+            (every bad source is listed, with its reason).
+    """
+    with ThreadPoolExecutor(max_workers=min(16, max(len(sources), 1))) as pool:
+        problems = list(pool.map(lambda s: _source_problem(s, spec), sources))
+    bad = {s.name: p for s, p in zip(sources, problems, strict=True) if p is not None}
+    if bad and spec.on_bad_source == "error":
+        by_name = {s.name: s.url for s in sources}
+        lines = [f"corpus.sources: {by_name[name]} {reason}" for name, reason in bad.items()]
+        lines.append(
+            f"{len(bad)} of {len(sources)} source(s) cannot be read; fix or remove them, or set "
+            "corpus.on_bad_source=skip to label the others and count these in the manifest"
+        )
+        raise CorpusError("\n".join(lines))
+    return [s for s in sources if s.name not in bad], bad

@@ -53,7 +53,11 @@ def url_problem(url: str) -> str | None:
     """Why ``url`` may not appear in a spec or manifest (embedded credentials), or None."""
     if "://" not in url:
         return None
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - parses the host (refuses a malformed IPv6 literal)
+    except ValueError as exc:
+        return f"{_clip(url)!r} is not a valid URL ({exc}); fix its host part"
     if parts.username or parts.password or "@" in parts.netloc:
         return (
             f"{_redact(url)!r} embeds credentials (user:secret@host); remove them and provide credentials "
@@ -76,13 +80,18 @@ def check_url(url: str, what: str) -> None:
         raise CredentialError(f"{what}: {problem}")
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     return (
-        f"{parts.scheme}://***@{host}{parts.path}"
+        f"{parts.scheme}://***@{host}{_clip(parts.path)}"
         if "@" in parts.netloc
-        else f"{parts.scheme}://{host}{parts.path}?***"
+        else f"{parts.scheme}://{host}{_clip(parts.path)}?***"
     )
 
 

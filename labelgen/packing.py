@@ -65,32 +65,49 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
     return _encode(tokenizer, text)
 
 
-def tokenize_record(tokenizer: Any, record: Record) -> Document:
+def tokenize_record(tokenizer: Any, record: Record) -> Document | Rejected:
     """Tokenize a text record (all tokens are targets) or a chat record (assistant turns only).
 
     Chat masking renders the conversation turn by turn: the tokens between the prompt
     for assistant turn i (``add_generation_prompt=True``) and the rendering that
     includes turn i are that turn's tokens. This needs a template with the prefix
-    property, which the usual chat templates have; a template without it raises.
+    property, which the usual chat templates have; a conversation the template renders
+    otherwise (some templates drop earlier turns' reasoning) is rejected as
+    ``chat_not_prefix``, and one the template raises on (roles out of the order it
+    wants) as ``chat_template_error``.
     """
     if record.messages is None:
         ids = _encode(tokenizer, record.text or "")
         return Document(record.index, ids, [1] * len(ids))
     messages = record.messages
-    ids = _render(tokenizer, messages, add_generation_prompt=False)
-    targets = [0] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        if end > len(ids) or start > end:
+    try:
+        ids = _render(tokenizer, messages, add_generation_prompt=False)
+        targets = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            start, end = len(prompt), len(upto)
+            if upto[:start] != prompt or ids[:end] != upto:
+                return Rejected(record.index, "chat_not_prefix", record.progress)
+            targets[start:end] = [1] * (end - start)
+    except _template_errors() as exc:
+        if "chat_template" in str(exc) and "not set" in str(exc):
             raise ValueError(
-                "the tokenizer's chat template does not render conversations as prefixes of "
-                "each other, so prompt tokens cannot be masked; use a standard template"
-            )
-        targets[start:end] = [1] * (end - start)
+                "corpus.messages_field is set but the tokenizer has no chat template; set "
+                "teacher.tokenizer to one that has, or label the text field instead"
+            ) from exc
+        return Rejected(record.index, "chat_template_error", record.progress)
     return Document(record.index, ids, targets)
+
+
+def _template_errors() -> tuple[type[BaseException], ...]:
+    """What a chat template raises on a conversation it refuses (jinja's errors, and the
+    ValueError/TypeError/KeyError that ``raise_exception`` and filters give)."""
+    from jinja2.exceptions import TemplateError
+
+    return (TemplateError, ValueError, TypeError, KeyError, IndexError)
 
 
 def _make(source: str, record: int, chunk: int, ids: list[int], targets: list[int]) -> PackedSequence:
@@ -110,8 +127,9 @@ def pack(
 ) -> Iterator[PackedSequence]:
     """Tokenize and pack the records of one source into sequences.
 
-    ``rejected`` is updated in place with counts by reason: the reader's reasons plus
-    ``too_short`` for sequences below ``spec.min_tokens``.
+    ``rejected`` is updated in place with counts by reason: the reader's reasons, the
+    chat template's (see :func:`tokenize_record`) and ``too_short`` for sequences below
+    ``spec.min_tokens`` (all listed in :data:`labelgen.corpus.REJECTION_REASONS`).
     """
     sep = separator_id(tokenizer, spec)
     buf_ids: list[int] = []
@@ -132,6 +150,9 @@ def pack(
             rejected[item.reason] = rejected.get(item.reason, 0) + 1
             continue
         doc = tokenize_record(tokenizer, item)
+        if isinstance(doc, Rejected):
+            rejected[doc.reason] = rejected.get(doc.reason, 0) + 1
+            continue
         ids, targets = list(doc.ids), list(doc.targets)
         if sep is not None:
             ids.append(sep)

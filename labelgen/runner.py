@@ -17,6 +17,7 @@ in this process; :mod:`labelgen.cluster` runs them on Ray actors. Both call
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -28,9 +29,10 @@ import fsspec
 import yaml
 
 from labelgen.contract.commits import SOURCES_RECORD, CommitLog, JobRecord
+from labelgen.contract.config_input import read_yaml
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, ShardRecord, UnitRecord, join_url
 from labelgen.contract.storage import write_text_atomic
-from labelgen.corpus import Source, read_source, resolve_sources, source_sha256
+from labelgen.corpus import Source, check_sources, read_source, resolve_sources, source_sha256
 from labelgen.packing import PackedSequence, pack
 from labelgen.progress import JobProgress, ProgressBar, UnitProgress
 from labelgen.provenance import check_model_path, load_tokenizer, tokenizer_info, weights_fingerprint
@@ -80,8 +82,9 @@ def _prepare_output(spec: JobSpec, fs: Any, root: str, sources: list[Source]) ->
     spec_hash = spec.content_hash()
     spec_path = join_url(root, SPEC_NAME)
     if fs.exists(spec_path):
-        with fs.open(spec_path, "r") as f:
-            stored = yaml.safe_load(f.read()) or {}
+        with fs.open(spec_path, "rb") as f:
+            stored, _ = read_yaml(f.read().decode("utf-8", "replace"))
+        stored = stored if isinstance(stored, dict) else {}  # damaged: a different spec
         if stored.get("spec_sha256") != spec_hash:
             if not spec.output.overwrite:
                 raise JobError(
@@ -92,7 +95,7 @@ def _prepare_output(spec: JobSpec, fs: Any, root: str, sources: list[Source]) ->
             fs.rm(root, recursive=True)
     manifest_path = join_url(root, MANIFEST_NAME)
     if fs.exists(manifest_path):
-        with fs.open(manifest_path, "r") as f:
+        with fs.open(manifest_path, "rb") as f:
             return Manifest.from_json(f.read(), where=manifest_path)
     fs.makedirs(root, exist_ok=True)
     if not fs.exists(spec_path):
@@ -122,6 +125,8 @@ class JobPlan:
     root: str
     units: dict[int, UnitRecord]
     done: Manifest | None = None  # set when the manifest already exists
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Sources left out as unreadable (corpus.on_bad_source=skip): name -> reason."""
 
     @functools.cached_property
     def commits(self) -> CommitLog:
@@ -133,17 +138,21 @@ class JobPlan:
 
 
 def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> JobPlan:
-    """List the sources, check the model path and the output, read the commit records.
+    """List and check the sources, check the model path and the output, read the commit records.
 
-    Unreadable corpus URLs and a missing model fail here, before any model loads.
+    Unreadable corpus URLs and sources (:func:`labelgen.corpus.check_sources`) and a
+    missing model fail here, before any model loads; with ``corpus.on_bad_source: skip``
+    unreadable sources are left out (and listed in :attr:`JobPlan.skipped`).
     """
-    sources = resolve_sources(spec.corpus)
+    sources, skipped = check_sources(resolve_sources(spec.corpus), spec.corpus)
+    for name, reason in skipped.items():
+        log(f"skipping corpus source {name}: {reason}")
     check_model_path(spec.teacher.model)
     tokenizer = load_tokenizer(spec.teacher)
     fs, root = fsspec.core.url_to_fs(spec.output.url)
     done = _prepare_output(spec, fs, root, sources)
     if done is not None:
-        return JobPlan(spec, sources, tokenizer, fs, root, {}, done)
+        return JobPlan(spec, sources, tokenizer, fs, root, {}, done, skipped)
     commits = CommitLog(fs, root)
     units = commits.units()
     # What the shards hold and the tokenizer, before any shard: a follower (a student
@@ -157,8 +166,9 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
         )
     )
     commits.write_tokenizer(tokenizer_info(tokenizer, spec.teacher.tokenizer or spec.teacher.model))
-    plan = JobPlan(spec, sources, tokenizer, fs, root, units)
-    log(f"{len(sources)} source(s), {len(units)} already labeled, {len(plan.pending)} to go")
+    plan = JobPlan(spec, sources, tokenizer, fs, root, units, skipped=skipped)
+    left_out = f" ({len(skipped)} unreadable, skipped)" if skipped else ""
+    log(f"{len(sources)} source(s){left_out}, {len(units)} already labeled, {len(plan.pending)} to go")
     return plan
 
 
@@ -179,7 +189,7 @@ def finish_job(plan: JobPlan) -> Manifest:
             f"{plan.spec.output.url} has every unit finished but no teacher record: the commit log "
             "is incomplete; delete the output (or set output.overwrite=true) and run the job again"
         )
-    manifest = _build_manifest(plan.spec, plan.sources, plan.tokenizer, shards, units, teacher_info)
+    manifest = _build_manifest(plan, shards, units, teacher_info)
     write_text_atomic(plan.fs, join_url(plan.root, MANIFEST_NAME), manifest.to_json())
     return manifest
 
@@ -288,13 +298,12 @@ def run_job(
 
 
 def _build_manifest(
-    spec: JobSpec,
-    sources: list[Source],
-    tokenizer: Any,
+    plan: JobPlan,
     shards: list[ShardRecord],
     units: dict[int, UnitRecord],
     teacher_info: dict[str, Any],
 ) -> Manifest:
+    spec, sources, tokenizer = plan.spec, plan.sources, plan.tokenizer
     keep = []
     for unit, record in sorted(units.items()):
         unit_shards = [s for s in shards if s.unit == unit and s.index < record.shards]
@@ -322,6 +331,7 @@ def _build_manifest(
         "text_field": spec.corpus.text_field,
         "messages_field": spec.corpus.messages_field,
         "packing": asdict(spec.packing),
+        "skipped_sources": dict(sorted(plan.skipped.items())),
     }
     return Manifest(
         codec=spec.labels.codec,

@@ -89,13 +89,24 @@ class CorpusSpec:
     text_split: Literal["file", "paragraph", "line"] = "paragraph"
     """For plain-text inputs: one record per file, per blank-line paragraph, or per line."""
     max_record_chars: int = 1_000_000
-    """Records longer than this are rejected (counted as 'too_long' in the manifest)."""
+    """Records longer than this are rejected (counted as 'too_long' in the manifest); a
+    jsonl line is read in bounded memory (at most ~6 bytes per allowed character)."""
+    max_messages: int = 256
+    """Chats with more messages than this are rejected ('too_many_messages'): masking
+    renders a chat once per assistant turn, so a huge message list costs quadratic time."""
+    on_bad_source: Literal["error", "skip"] = "error"
+    """What to do with a source that cannot be read when the job is planned (a broken
+    Parquet footer, a corrupt compressed stream, a damaged saved dataset): 'error' fails
+    the job before the model loads, naming every bad source; 'skip' leaves them out and
+    lists them, with the reason, under ``corpus.skipped_sources`` in the manifest."""
 
     def check(self):
         if not self.sources:
             yield "sources", "must list at least one URL or glob"
         if self.max_record_chars < 1:
             yield "max_record_chars", f"must be >= 1, got {self.max_record_chars}"
+        if self.max_messages < 1:
+            yield "max_messages", f"must be >= 1, got {self.max_messages}"
         for i, url in enumerate(self.sources):
             if problem := url_problem(url):
                 yield f"sources[{i}]", problem

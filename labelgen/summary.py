@@ -11,12 +11,13 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen.contract.codecs import get_codec
 from labelgen.contract.commits import CommitLog
 from labelgen.contract.dataset import read_manifest_if_complete
-from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, join_url
+from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, dataset_file
 from labelgen.contract.storage import MIB
 
 __all__ = ["inspect_dataset", "format_report", "topk_statistics"]
@@ -63,9 +64,17 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
     for shard in manifest.shards:
         if rows_seen >= sample_rows:
             break
-        with fs.open(join_url(root, shard.path), "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(0, columns=list(codec.columns))
-        chunks.append(codec.decode(table, manifest.k)[1])
+        path = dataset_file(root, shard.path, f"{url}: shard")
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.ParquetFile(f).read_row_group(0, columns=list(codec.columns))
+            table.validate(full=True)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError
+            raise FormatError(f"cannot read row group 0 of {path}: {exc}") from exc
+        try:
+            chunks.append(codec.decode(table, manifest.k)[1])
+        except FormatError as exc:
+            raise FormatError(f"row group 0 of {path}: {exc}") from exc
         rows_seen += table.num_rows
     stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
     return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}

@@ -22,9 +22,10 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import Columns, FormatError, Manifest, join_url
+from labelgen.contract.format import Columns, FormatError, Manifest, dataset_file
 from students.shards import RowGroupRef, ShardReader
 from students.stream import LabelStream, collate
 
@@ -41,13 +42,13 @@ class TeacherIndex:
         self.url = url
         self.where: dict[int, tuple[RowGroupRef, int]] = {}
         for shard in manifest.shards:  # one read of the hash column per shard file
-            path = join_url(root, shard.path)
+            path = dataset_file(root, shard.path, f"{url}: shard")
             try:
                 with fs.open(path, "rb") as f:
                     parquet = pq.ParquetFile(f)
                     sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
                     hashes = parquet.read(columns=[Columns.TOKEN_HASH]).column(0).to_numpy()
-            except OSError as exc:
+            except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError
                 raise FormatError(f"cannot read the token hashes of {path}: {exc}") from exc
             first = 0
             for group, size in enumerate(sizes):

@@ -18,7 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelgen.contract.format import Columns, FormatError, Manifest, join_url
+from labelgen.contract.codecs.base import list_parts
+from labelgen.contract.format import (
+    Columns,
+    FormatError,
+    Manifest,
+    dataset_file,
+    hidden_schema,
+    schema_problem,
+)
 from students.shards import RowGroupRef, Rows, ShardReader
 
 __all__ = ["HiddenRows", "read_hidden", "decode_hidden"]
@@ -44,7 +52,16 @@ class HiddenRows:
 
 
 def decode_hidden(blob: bytes, dtype: str, count: int) -> np.ndarray:
-    """One layer blob of ``count`` positions → (count, D) float32 (float16/bfloat16/float32)."""
+    """One layer blob of ``count`` positions → (count, D) float32 (float16/bfloat16/float32).
+
+    Raises:
+        FormatError: an unknown dtype, or a blob that is not ``count`` whole vectors.
+    """
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 1)
+    if len(blob) % width or (count and (len(blob) // width) % count) or (not count and blob):
+        raise FormatError(
+            f"a hidden-state blob of {len(blob)} bytes is not {count} {dtype} vectors: the shard is corrupt"
+        )
     if dtype == "float32":
         flat = np.frombuffer(blob, "<f4")
     elif dtype == "float16":
@@ -74,39 +91,53 @@ def read_hidden(
         raise FormatError(f"{url}: no hidden states for {ref.shard}; label with hidden.layers set")
     layers = tuple(int(x) for x in product["layers"])
     fs, root = fsspec.core.url_to_fs(url)
-    path = join_url(root, record.hidden_path)
+    path = dataset_file(root, record.hidden_path, f"{url}: hidden shard of {ref.shard}")
     source = reader.open_verified(record.hidden_path) if reader is not None else fs.open(path, "rb")
     if source is None:
         return None
     assert rows.token_hashes is not None  # decode_rows always fills them
     keys = list(zip(rows.sample_ids, rows.token_hashes.tolist(), strict=True))
-    with source as f:
-        parquet = pq.ParquetFile(f)
-        table = parquet.read_row_group(ref.row_group) if ref.row_group < parquet.num_row_groups else None
-        index = _index(table) if table is not None else {}
-        if any(key not in index for key in keys):
-            table = parquet.read()
-            index = _index(table)
+    try:
+        with source as f:
+            parquet = pq.ParquetFile(f)
+            groups = parquet.num_row_groups
+            table = parquet.read_row_group(ref.row_group) if ref.row_group < groups else None
+            index = _index(table, layers, path) if table is not None else {}
+            if any(key not in index for key in keys):
+                table = parquet.read()
+                index = _index(table, layers, path)
+    except FormatError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError
+        raise FormatError(f"cannot read {path}: {exc}") from exc
     missing = [key for key in keys if key not in index]
     if missing:
         raise FormatError(f"{path} has no hidden row for {len(missing)} label row(s), e.g. {missing[0]}")
     take = np.array([index[key] for key in keys], np.int64)
     picked = table.take(pa.array(take))
-    pos_col = picked.column(Columns.HIDDEN_POSITIONS).combine_chunks()
-    pos_off = pos_col.offsets.to_numpy()
-    positions = pos_col.values.to_numpy()[pos_off[0] : pos_off[-1]].astype(np.int32)
-    offsets = (pos_off - pos_off[0]).astype(np.int64)
+    offsets, positions = list_parts(picked, Columns.HIDDEN_POSITIONS)
+    positions = positions.astype(np.int32)
     counts = np.diff(offsets)
+    row_tokens = np.repeat(rows.num_tokens.astype(np.int64), counts)
+    if positions.size and ((positions < 0).any() or (positions >= row_tokens).any()):
+        raise FormatError(f"{path} samples token positions outside their rows; the hidden shard is corrupt")
     values = {}
     for layer in layers:
         blobs = picked.column(Columns.HIDDEN_LAYER.format(layer)).to_pylist()
         parts = [decode_hidden(b, product["dtype"], int(c)) for b, c in zip(blobs, counts, strict=True)]
         nonempty = [p for p in parts if p.size]
+        if len({p.shape[1] for p in nonempty}) > 1:
+            raise FormatError(f"{path}: layer {layer} holds vectors of several sizes; the shard is corrupt")
         values[layer] = np.concatenate(nonempty) if nonempty else np.zeros((0, 0), np.float32)
     return HiddenRows(layers=layers, offsets=offsets, positions=positions, values=values)
 
 
-def _index(table: pa.Table) -> dict[tuple[str, int], int]:
+def _index(table: pa.Table, layers: tuple[int, ...], path: str) -> dict[tuple[str, int], int]:
+    """(sample_id, token_hash) → row of a hidden table, after checking its columns."""
+    table.validate(full=True)
+    problem = schema_problem(table, hidden_schema(layers))
+    if problem is not None:
+        raise FormatError(f"{path} {problem}; the hidden shard is corrupt")
     ids = table.column(Columns.SAMPLE_ID).to_pylist()
     hashes = table.column(Columns.TOKEN_HASH).to_pylist()
     return {key: i for i, key in enumerate(zip(ids, hashes, strict=True))}

@@ -20,7 +20,7 @@ import fsspec
 import numpy as np
 
 from labelgen.contract.dataset import read_manifest
-from labelgen.contract.format import Columns, join_url
+from labelgen.contract.format import Columns, dataset_file
 from students.shards import RowGroupRef, ShardReader
 
 __all__ = ["shard_files", "to_hf_iterable", "hf_features"]
@@ -28,7 +28,7 @@ __all__ = ["shard_files", "to_hf_iterable", "hf_features"]
 
 def shard_files(url: str) -> list[str]:
     """URLs of a complete dataset's label shards, in manifest order (keeps the URL's scheme)."""
-    return [join_url(url, s.path) for s in read_manifest(url).shards]
+    return [dataset_file(url, s.path, f"{url}: shard") for s in read_manifest(url).shards]
 
 
 def hf_features(draws: bool = False) -> Any:

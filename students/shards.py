@@ -10,6 +10,13 @@ hashed again, nor by later readers in the same process (evaluation streams).
 ``verify="off"`` always reads by row group. Row groups are decoded
 zero-copy to numpy (flat list columns + offsets), never through Python objects.
 
+Every path comes from a record and is joined to the dataset root only through
+:func:`~labelgen.contract.format.dataset_file`, so a record cannot make the reader open
+a file outside the dataset. Decoding trusts no byte: whatever a file holds, reading it
+ends in :class:`Rows` whose arrays agree in shape (:func:`decode_rows`), in a
+:class:`ChecksumError` (verification on: a changed file always fails its checksum, or is
+skipped under 'skip') or in a FormatError naming the file.
+
 Hidden-state shards are verified the same way (:meth:`ShardReader.open_verified`).
 Each row group is decoded with the dataset's codec (:mod:`labelgen.contract.codecs`).
 """
@@ -31,7 +38,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labelgen.contract.codecs import Codec, codec_for_columns, get_codec
-from labelgen.contract.format import Columns, FormatError, Manifest, ShardRecord, join_url
+from labelgen.contract.codecs.base import list_parts
+from labelgen.contract.format import (
+    Columns,
+    FormatError,
+    Manifest,
+    ShardRecord,
+    check_dataset_path,
+    dataset_file,
+    label_schema,
+    schema_problem,
+)
 from labelgen.contract.storage import MIB
 
 __all__ = [
@@ -68,6 +85,9 @@ class RowGroupRef:
     shard: str
     row_group: int
 
+    def __post_init__(self) -> None:
+        check_dataset_path(self.shard, f"row group {self.row_group} of shard")
+
 
 @dataclass
 class Rows:
@@ -92,40 +112,85 @@ class Rows:
         return len(self.sample_ids)
 
 
-def _flat(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    column = table.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)
-    return offsets - offsets[0], values[offsets[0] : offsets[-1]]
+def _check_schema(table: pa.Table, codec: Codec, draws: bool) -> None:
+    """Every column of the label schema is there with its type, so decoding never meets a
+    column it cannot read."""
+    problem = schema_problem(table, label_schema(draws=draws, codec=codec.name))
+    if problem is not None:
+        raise FormatError(f"{problem} (a {codec.name} label shard)")
 
 
-def decode_rows(table: pa.Table, k: int, codec: Codec) -> Rows:
-    """A label shard table stored with ``codec`` → :class:`Rows` (numpy views where Arrow allows)."""
-    tok_off, ids = _flat(table, Columns.INPUT_IDS)
-    lab_off, mask = _flat(table, Columns.LABEL_MASK)
+def _lengths_agree(offsets: np.ndarray, expected: np.ndarray, what: str) -> None:
+    if not np.array_equal(np.diff(offsets), expected):
+        raise FormatError(f"{what} row lengths disagree with num_tokens")
+
+
+def decode_rows(table: pa.Table, k: int, codec: Codec, where: str = "row group") -> Rows:
+    """A label shard table stored with ``codec`` → :class:`Rows` (numpy views where Arrow allows).
+
+    Whatever the table holds, the rows' arrays agree: every column of the format is there
+    with its type and without nulls, each row's lists hold T, T-1 or (T-1)·k entries as
+    the format says (T = ``num_tokens`` >= 1), ids are >= 0, and the draws (if any) add up.
+
+    Raises:
+        FormatError: naming ``where``, the column and what is wrong.
+    """
+    try:
+        return _decode_rows(table, k, codec)
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}") from exc
+
+
+def _decode_rows(table: pa.Table, k: int, codec: Codec) -> Rows:
+    draws_on = Columns.DRAW_NUM in table.column_names
+    _check_schema(table, codec, draws_on)
+    for name in (Columns.SAMPLE_ID, Columns.TOKEN_HASH, Columns.NUM_TOKENS):
+        if table.column(name).null_count:
+            raise FormatError(f"column {name!r} holds nulls; every column is non-nullable")
+    num_tokens = table.column(Columns.NUM_TOKENS).to_numpy()
+    if (num_tokens < 1).any():
+        raise FormatError(f"num_tokens must be >= 1, got {int(num_tokens.min())}")
+    positions = num_tokens.astype(np.int64) - 1
+    tok_off, ids = list_parts(table, Columns.INPUT_IDS)
+    _lengths_agree(tok_off, num_tokens, Columns.INPUT_IDS)
+    lab_off, mask = list_parts(table, Columns.LABEL_MASK)
+    _lengths_agree(lab_off, positions, Columns.LABEL_MASK)
+    tgt_off, tgt = list_parts(table, Columns.TARGET_LOGPROBS)
+    _lengths_agree(tgt_off, positions, Columns.TARGET_LOGPROBS)
+    n = int(positions.sum())
     top_ids, top_lps = codec.decode(table, k)
-    _, tgt = _flat(table, Columns.TARGET_LOGPROBS)
+    if top_ids.shape != (n, k) or top_lps.shape != (n, k):
+        raise FormatError(
+            f"{codec.name} top-k decoded to {top_ids.shape}, the rows hold {n} positions × k={k}"
+        )
+    if (ids.size and ids.min() < 0) or (top_ids.size and top_ids.min() < 0):
+        raise FormatError("token ids must be >= 0; the shard is corrupt")
     draws: dict[str, Any] = {}
-    if Columns.DRAW_NUM in table.column_names:
-        _, num = _flat(table, Columns.DRAW_NUM)
+    if draws_on:
+        num_off, num = list_parts(table, Columns.DRAW_NUM)
+        _lengths_agree(num_off, positions, Columns.DRAW_NUM)
         offsets = np.zeros(len(num) + 1, np.int64)
         np.cumsum(num, out=offsets[1:])
-        draws = {
-            "draw_offsets": offsets,
-            "draw_ids": _flat(table, Columns.DRAW_IDS)[1],
-            "draw_counts": _flat(table, Columns.DRAW_COUNTS)[1],
-        }
+        per_row = offsets[lab_off[1:]] - offsets[lab_off[:-1]]  # draws of each row's positions
+        ids_off, draw_ids = list_parts(table, Columns.DRAW_IDS)
+        counts_off, draw_counts = list_parts(table, Columns.DRAW_COUNTS)
+        for name, off in ((Columns.DRAW_IDS, ids_off), (Columns.DRAW_COUNTS, counts_off)):
+            if not np.array_equal(np.diff(off), per_row):
+                raise FormatError(f"{name} row lengths disagree with the sums of draw_num")
+        if draw_ids.size and draw_ids.min() < 0:
+            raise FormatError("draw ids must be >= 0; the shard is corrupt")
+        draws = {"draw_offsets": offsets, "draw_ids": draw_ids, "draw_counts": draw_counts}
     return Rows(
         **draws,
         k=k,
         sample_ids=table.column(Columns.SAMPLE_ID).to_pylist(),
-        num_tokens=table.column(Columns.NUM_TOKENS).to_numpy(),
+        num_tokens=num_tokens,
         token_offsets=tok_off,
         input_ids=ids,
         label_offsets=lab_off,
         label_mask=mask,
-        topk_ids=top_ids.reshape(-1, k),
-        topk_logprobs=top_lps.reshape(-1, k),
+        topk_ids=top_ids,
+        topk_logprobs=top_lps,
         target_logprobs=tgt,
         token_hashes=table.column(Columns.TOKEN_HASH).to_numpy(),
     )
@@ -162,6 +227,8 @@ class ShardReader:
         log: Callable[[str], None] | None = None,
     ):
         check_verify_policy(verify)
+        for name in records:  # the records themselves checked their paths when made
+            check_dataset_path(name, f"{url}: shard record key")
         self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.records, self.k, self.verify = records, k, verify
@@ -215,7 +282,7 @@ class ShardReader:
         buffer (hashing and decoding both release the GIL). Call ``check`` before handing
         any of the rows out.
         """
-        path = join_url(self.root, ref.shard)
+        path = dataset_file(self.root, ref.shard, "row group ref")
         with self._lock:  # a verdict is set before its pending entry goes: one of them is seen
             verdict = self._verdict(ref.shard)
             pending = self._pending.get(ref.shard)
@@ -245,7 +312,7 @@ class ShardReader:
         Raises:
             ChecksumError: the file's size or sha256 differ from its record ('error').
         """
-        path = join_url(self.root, file)
+        path = dataset_file(self.root, file, "verified file")
         verdict = self._verdict(file)
         if verdict is False:
             return None
@@ -341,21 +408,29 @@ class ShardReader:
             with source if source is not None else self.fs.open(path, "rb") as f:
                 parquet = pq.ParquetFile(f, metadata=self._metadata.get(ref.shard))
                 self._metadata.setdefault(ref.shard, parquet.metadata)
-                if ref.row_group >= parquet.num_row_groups:
-                    raise FormatError(
-                        f"{path} has {parquet.num_row_groups} row groups, its record promises more "
-                        f"(asked for row group {ref.row_group}); the shard was replaced after it was "
-                        "committed: re-run the labeling job"
-                    )
-                table = parquet.read_row_group(ref.row_group)  # threads: capped per DataLoader worker
-        except (OSError, pa.ArrowException) as exc:
+                groups = parquet.num_row_groups
+                # threads: capped per DataLoader worker
+                table = parquet.read_row_group(ref.row_group) if ref.row_group < groups else None
+            if table is not None:
+                table.validate(full=True)  # offsets within their buffers, valid UTF-8
+        except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid is a ValueError
             raise FormatError(f"cannot read row group {ref.row_group} of {path}: {exc}") from exc
-        codec = self.codec or codec_for_columns(table.column_names)
-        return decode_rows(table, self.k or codec.infer_k(table, path), codec)
+        if table is None:
+            raise FormatError(
+                f"{path} has {groups} row groups, its record promises more (asked for row group "
+                f"{ref.row_group}); the shard was replaced after it was committed: re-run the labeling job"
+            )
+        try:
+            codec = self.codec or codec_for_columns(table.column_names)
+        except ValueError as exc:
+            raise FormatError(f"{path}: {exc}") from exc
+        where = f"row group {ref.row_group} of {path}"
+        k = self.k or codec.infer_k(table, where)
+        return decode_rows(table, k, codec, where)
 
     def _reject(self, file: str, problem: str) -> None:
         """Apply the policy to a file that failed verification (raise, or log + count)."""
-        message = f"shard {join_url(self.root, file)} {problem}"
+        message = f"shard {dataset_file(self.root, file)} {problem}"
         self._verdicts[file] = False
         if self.verify == "error":
             raise ChecksumError(

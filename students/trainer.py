@@ -4,6 +4,7 @@
     train()            the loop over stages: micro-batches → loss → step → log / eval / checkpoint
     evaluate()         KL to the teacher (top-k + tail), top-1 agreement, CE (rank 0)
     save_checkpoint()  model, optimizer, schedule, step, every rank's data cursor, atomically
+    load_checkpoint()  the same back, loaded as data only (``weights_only``): never runs code
 
 The pieces live next door: the student (students.student_model), the torchrun bookkeeping
 (students.distributed), the dataset-vs-model-vs-loss rules (students.compatibility),
@@ -23,6 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +57,16 @@ from students.stage_data import (
 from students.stream import LabelStream
 from students.student_model import load_student
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "CheckpointError", "CHECKPOINT_FORMAT", "read_checkpoint"]
+
+CHECKPOINT_FORMAT = "labelgen-student-checkpoint/2"
+"""Written into every checkpoint; version 1 (no ``format`` key) kept the data cursors as
+Python objects, version 2 as one JSON string."""
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "scheduler", "data", "torch_rng")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not one this trainer wrote (or not readable); nothing in it ran."""
 
 
 def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -372,13 +384,14 @@ class Trainer:
         if self.dist.main:
             directory.mkdir(parents=True, exist_ok=True)
             state = {
+                "format": CHECKPOINT_FORMAT,
                 "step": self.step,
                 "world_size": self.dist.world,
                 "model": self.model.state_dict(),
                 "hidden_heads": self.hidden_heads.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "data": cursors,
+                "data": json.dumps(cursors),  # plain data: loads under weights_only, always
                 "torch_rng": torch.get_rng_state(),
                 "config": config_to_dict(self.cfg),
             }
@@ -389,7 +402,15 @@ class Trainer:
         return directory / "state.pt"
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        """Resume from ``path`` (written by :meth:`save_checkpoint`).
+
+        Raises:
+            CheckpointError: the file is not a checkpoint this trainer wrote: it is loaded
+                as data only (tensors, numbers, strings, lists, dicts), so a planted pickle
+                is refused before any of its code can run.
+            ValueError: it was written by another number of ranks.
+        """
+        state = read_checkpoint(path)
         if state.get("world_size", 1) != self.dist.world:
             raise ValueError(
                 f"{path} was written by {state.get('world_size', 1)} ranks, this run has {self.dist.world}; "
@@ -400,7 +421,9 @@ class Trainer:
         self.hidden_heads.load_state_dict(state.get("hidden_heads", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        stage, cursor = state["data"][self.dist.rank]
+        data = state["data"]
+        cursors = json.loads(data) if isinstance(data, str) else data  # format 1: Python objects
+        stage, cursor = cursors[self.dist.rank]
         if cursor is not None:
             self._data_states[stage] = cursor
         torch.set_rng_state(state["torch_rng"])
@@ -416,3 +439,34 @@ class Trainer:
                 torch.save(self.hidden_heads.state_dict(), directory / "hidden_projections.pt")
         self.dist.barrier()
         return directory
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The state dict in a checkpoint file, loaded with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: naming the file: it needs code to load (a pickle of other objects,
+            refused before anything in it runs), cannot be read as a checkpoint at all, or
+            lacks the keys :meth:`Trainer.save_checkpoint` writes.
+    """
+    fix = f"delete {path} (or set train.output_dir to a new directory, or train.resume=false) and start again"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(exc))
+        reason = found.group(1).strip() if found else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{path} is not a checkpoint this trainer wrote: it holds more than tensors and plain data "
+            f"(weights-only load: {reason}); a checkpoint is only ever loaded as data, so nothing in it "
+            f"ran and resuming from it is refused; {fix}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); {fix}"
+        ) from exc
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a checkpoint this trainer wrote (no {', '.join(missing)}); {fix}"
+        )
+    return state

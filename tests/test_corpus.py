@@ -105,3 +105,152 @@ def test_unreadable_sources_fail_early_listing_all(tmp_path):
     message = str(info.value)
     assert "missing.jsonl" in message and "*.nothing' matches no file" in message
     assert "cannot tell the format" in message and "corpus.format" in message
+
+
+def test_deeply_nested_json_is_a_counted_rejection_not_a_crash(tmp_path):
+    path = tmp_path / "c.jsonl"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(
+        b'{"text": "before"}\n' + deep + b'\n{"text": {"a": ' + deep + b'}}\n{"text": "after"}\n'
+    )
+    items = read_all(path)
+    assert [i.text for i in items if isinstance(i, Record)] == ["before", "after"]
+    assert reasons(items) == {"too_deep": 2}
+
+
+def test_lone_surrogates_never_reach_the_tokenizer(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [
+        '{"text": "\\ud800 lone high"}',
+        '{"text": "ok \\udfff"}',
+        '{"text": "a pair \\ud83d\\ude00 is fine"}',
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\\udc80"}]}',
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    items = read_all(path, messages_field="messages")
+    assert reasons(items) == {"invalid_text": 3}
+    (good,) = [i for i in items if isinstance(i, Record)]
+    assert good.text == "a pair \U0001f600 is fine"
+
+
+def test_chat_messages_are_checked_one_by_one(tmp_path):
+    path = tmp_path / "c.jsonl"
+    ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "extra": [1, {"x": 2}]}]
+    rows = [
+        {"messages": ok},
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": ["a", "b"]}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+        {"messages": ["not a mapping", {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": 1, "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 200},
+        {"messages": []},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = read_all(path, messages_field="messages", max_messages=300)
+    assert reasons(items) == {"bad_message": 5, "unknown_role": 1, "too_many_messages": 1, "wrong_type": 1}
+    # Only role and content reach the chat template.
+    assert items[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_an_overlong_jsonl_line_is_skipped_without_holding_it(tmp_path, monkeypatch):
+    import labelgen.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_CHUNK", 1000)
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "' + b"x" * 200_000 + b'"}\n{"text": "next"}\n')
+    items = read_all(path, max_record_chars=10)
+    assert reasons(items) == {"too_long": 1}
+    assert items[1].text == "next" and items[1].index == 1
+    assert items[1].progress == path.stat().st_size
+
+
+def write_corrupt_sources(tmp_path):
+    """A good jsonl, a Parquet file with a broken footer, a gzip stream with a bad header."""
+    import gzip
+
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    pq.write_table(pa.table({"text": ["a", "b"] * 50}), tmp_path / "broken.parquet")
+    data = bytearray((tmp_path / "broken.parquet").read_bytes())
+    data[-12:-4] = b"\xff" * 8  # footer length and the end of the footer; the magic stays
+    (tmp_path / "broken.parquet").write_bytes(bytes(data))
+    stream = bytearray(gzip.compress(b'{"text": "x"}\n' * 100))
+    stream[3] = 0xFF  # reserved flag bits: not a gzip stream any decoder accepts
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(stream))
+
+
+def test_unreadable_sources_are_found_at_plan_time_with_file_and_reason(tmp_path):
+    from labelgen.corpus import check_sources
+
+    write_corrupt_sources(tmp_path)
+    s = spec(sources=[f"{tmp_path}/*"])
+    sources = resolve_sources(s)
+    with pytest.raises(CorpusError) as info:
+        check_sources(sources, s)
+    message = str(info.value)
+    assert "broken.parquet is not a readable parquet source" in message
+    assert "bad.jsonl.gz is not a readable jsonl source" in message
+    assert "good.jsonl" not in message and "corpus.on_bad_source=skip" in message
+    kept, skipped = check_sources(sources, spec(sources=[f"{tmp_path}/*"], on_bad_source="skip"))
+    assert [x.name for x in kept] == ["good.jsonl"]
+    assert sorted(skipped) == ["bad.jsonl.gz", "broken.parquet"]
+
+
+def test_a_parquet_source_without_the_text_column_fails_its_check(tmp_path):
+    from labelgen.corpus import check_sources
+
+    pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
+    s = spec(sources=[str(tmp_path / "x.parquet")])
+    with pytest.raises(CorpusError, match="has no column 'text' \\(columns: body\\); set corpus.text_field"):
+        check_sources(resolve_sources(s), s)
+
+
+def test_a_damaged_saved_dataset_fails_its_check(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from labelgen.corpus import check_sources
+
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "ds"))
+    (arrow,) = (tmp_path / "ds").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:20])
+    s = spec(sources=[str(tmp_path / "ds")])
+    with pytest.raises(CorpusError, match="ds is not a readable hf source"):
+        check_sources(resolve_sources(s), s)
+
+
+def test_a_source_that_breaks_mid_read_names_the_file(tmp_path):
+    import gzip
+
+    from labelgen.corpus import SourceError, check_sources
+
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(b'{"text": "record %d"}\n' % i for i in range(200_000))))
+    s = spec(sources=[str(path)])
+    (source,) = check_sources(resolve_sources(s), s)[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated after planning
+    items = []
+    with pytest.raises(SourceError, match=r"c.jsonl.gz broke while being read, after record \d+: EOFError"):
+        items.extend(read_source(source, s))
+    assert len(items) > 10_000
+
+
+def test_every_rejection_reason_is_declared_and_documented():
+    """The reasons the reader and packing emit are the ones REJECTION_REASONS and FORMAT.md list."""
+    import ast
+
+    from helpers import REPO
+    from labelgen.corpus import REJECTION_REASONS
+
+    emitted = set()
+    for module in ("labelgen/corpus.py", "labelgen/packing.py"):
+        for node in ast.walk(ast.parse((REPO / module).read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Rejected":
+                emitted.update(
+                    a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                )
+            subscript = isinstance(node, ast.Subscript) and getattr(node.value, "id", None) == "rejected"
+            if subscript and isinstance(node.slice, ast.Constant):
+                emitted.add(node.slice.value)
+    assert emitted == set(REJECTION_REASONS)
+    docs = (REPO / "docs" / "FORMAT.md").read_text()
+    assert [reason for reason in REJECTION_REASONS if f"| `{reason}` |" not in docs] == []

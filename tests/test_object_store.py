@@ -62,6 +62,9 @@ def test_urls_with_credentials_are_refused_without_echoing_the_secret(tmp_path):
     http_out = make_spec(teacher_dir, corpus_dir, "https://example.com/labels")
     with pytest.raises(ConfigError, match="output.url.*read-only over HTTP"):
         load_config(JobSpec, http_out)
+    broken = make_spec(teacher_dir, corpus_dir, "s3://[bucket/labels")  # urlsplit raises ValueError
+    with pytest.raises(ConfigError, match=r"output.url 's3://\[bucket/labels' is not a valid URL"):
+        load_config(JobSpec, broken)
 
 
 def test_find_secrets_ignores_ordinary_fields():

@@ -62,3 +62,28 @@ def test_chat_masks_prompt_tokens(tokenizer):
     assert "What is a list?" not in text and "<|user|>" not in text
     prompt = tokenizer.decode([t for t, m in zip(doc.ids, targets, strict=True) if not m])
     assert "What is a list?" in prompt and "<|assistant|>" in prompt
+
+
+def test_conversations_the_chat_template_refuses_are_counted_not_fatal(teacher_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('system only first') }}{% endif %}"
+        # Earlier assistant turns lose their reasoning, as some templates do: no prefix property.
+        "{% set c = m['content'].split('</think>')[-1] if m['role'] == 'assistant' and not loop.last "
+        "else m['content'] %}<|{{ m['role'] }}|>{{ c }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    q, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}
+    chats = [
+        [q, a],
+        [q, {"role": "system", "content": "late"}, a],
+        [q, {"role": "assistant", "content": "<think>hm</think>yes"}, q, a],
+    ]
+    items = [Record(i, messages=m) for i, m in enumerate(chats)]
+    rejected: dict[str, int] = {}
+    seqs = list(pack("src", iter(items), tok, load_config(PackingSpec, {"seq_len": 64}), rejected))
+    assert rejected == {"chat_template_error": 1, "chat_not_prefix": 1}
+    assert [s.sample_id for s in seqs] == ["src#0.0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -374,3 +376,54 @@ def test_teacher_ensemble_config_rules(fake_labels, teacher_dir, tmp_path):
     text = str(info.value)
     assert "data.teachers cannot be used with data.follow" in text, text
     assert "loss.kind is not supported with data.teachers" in text, text
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_planted_checkpoint_is_refused_and_none_of_its_code_runs(
+    fake_labels, teacher_dir, tmp_path, writer
+):
+    import contextlib
+    import pickle
+    import re
+
+    from students.trainer import CheckpointError
+
+    marker = tmp_path / "code-ran"
+
+    class Planted:  # unpickling it calls open(marker, "w"): code chosen by whoever wrote the file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    out = tmp_path / "shared-run"
+    planted = out / "checkpoint" / "state.pt"
+    planted.parent.mkdir(parents=True)
+    payload = {"step": 0, "model": Planted(), "data": []}
+    if writer == "torch.save":
+        torch.save(payload, planted)
+    else:
+        planted.write_bytes(pickle.dumps(payload, protocol=2))
+    trainer = Trainer(config(fake_labels, teacher_dir, out), log=lambda m: None)
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(planted))} is not a checkpoint this trainer wrote"
+    ):
+        trainer.setup()  # resume is on and the file is there
+    assert not marker.exists()
+    with contextlib.suppress(RuntimeError):  # a raw pickle runs, then fails torch's magic number
+        torch.load(planted, weights_only=False)  # what loading used to do
+    assert marker.exists()
+
+
+def test_checkpoints_load_as_data_only(fake_labels, teacher_dir, tmp_path):
+    from students.trainer import CHECKPOINT_FORMAT, read_checkpoint
+
+    trainer = Trainer(config(fake_labels, teacher_dir, tmp_path / "run", optim={"max_steps": 1}), log=print)
+    trainer.setup()
+    _one_step(trainer)
+    trainer.step = 1
+    path = trainer.save_checkpoint()
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects in it
+    assert state["format"] == CHECKPOINT_FORMAT and isinstance(state["data"], str)
+    assert read_checkpoint(path)["step"] == 1
+    resumed = Trainer(config(fake_labels, teacher_dir, tmp_path / "run", optim={"max_steps": 1}), log=print)
+    resumed.setup()
+    assert resumed.step == 1 and resumed._data_states == {0: json.loads(state["data"])[0][1]}

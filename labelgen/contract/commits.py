@@ -17,6 +17,12 @@ reads it to see a dataset that is still being written: ``job.json`` and
 the codec or the tokenizer. Listings bypass fsspec's cache and are retried, since
 other processes write the log while it is read. This module is the only code that
 knows the log's file names.
+
+Reading trusts nothing it reads: only files listed directly in the log's own directory
+are records, a record's content is type-checked field by field
+(:func:`labelgen.contract.format.parse_record`), its shard paths must stay inside the
+dataset (:func:`labelgen.contract.format.check_dataset_path`) and its file name must be
+the one its writer gives it; anything else raises FormatError naming the file.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ from labelgen.contract.format import (
     FormatError,
     ShardRecord,
     UnitRecord,
+    check_layout,
     join_url,
+    parse_json,
+    parse_record,
     unit_shard_prefix,
 )
-from labelgen.contract.storage import list_fresh, read_json, retry, write_json_atomic
+from labelgen.contract.storage import list_fresh, retry, write_json_atomic
 
 __all__ = [
     "SOURCES_RECORD",
@@ -53,6 +62,7 @@ TOKENIZER_RECORD = "tokenizer.json"
 TEACHER_RECORD = "teacher.json"
 _UNIT_PREFIX = "unit-"
 _SUFFIX = ".json"
+_REWRITE = "the commit log is corrupt or was not written by labelgen: re-run the labeling job to rewrite it"
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,31 @@ class JobRecord:
     """Optional products as the manifest will record them (hidden ``dim`` is added there)."""
     spec_sha256: str = ""
     format_version: str = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> JobRecord:
+        """A job record from parsed JSON: every field type-checked (unknown keys ignored, as
+        in the manifest), k, codec and products ones a reader can decode; FormatError
+        naming ``where`` and the field otherwise (another major format version too)."""
+        if isinstance(data, dict):
+            found = str(data.get("format_version", FORMAT_VERSION))
+            if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+                raise FormatError(
+                    f"{where} has format version {found:.40}, this reader supports "
+                    f"{FORMAT_VERSION}; install the labelgen release that matches the dataset"
+                )
+        record = parse_record(cls, data, where)
+        check_layout(record.k, record.codec, record.products, where)
+        return record
+
+
+def _shard_record_name(record: ShardRecord) -> str:
+    """The commit record file name of a shard: its file's stem + ``.json``."""
+    return record.path.rsplit("/", 1)[-1].removesuffix(".parquet") + _SUFFIX
+
+
+def _unit_record_name(unit: int) -> str:
+    return f"{_UNIT_PREFIX}{unit:05d}{_SUFFIX}"
 
 
 class CommitLog:
@@ -104,45 +139,55 @@ class CommitLog:
 
     def write_shard(self, record: ShardRecord) -> None:
         """Record a committed shard; call only after the shard is published."""
-        name = record.path.rsplit("/", 1)[-1].removesuffix(".parquet")
-        write_json_atomic(self.fs, self.path(f"{name}{_SUFFIX}"), dataclasses.asdict(record))
+        write_json_atomic(self.fs, self.path(_shard_record_name(record)), dataclasses.asdict(record))
 
     def write_unit(self, record: UnitRecord) -> None:
         """Record a finished unit; call after its last shard record."""
-        write_json_atomic(
-            self.fs, self.path(f"{_UNIT_PREFIX}{record.unit:05d}{_SUFFIX}"), dataclasses.asdict(record)
-        )
+        write_json_atomic(self.fs, self.path(_unit_record_name(record.unit)), dataclasses.asdict(record))
 
     # -- reading ------------------------------------------------------------------------
-    def _optional(self, name: str) -> Any:
+    def _read(self, path: str) -> Any:
+        """The parsed JSON of the record at ``path`` (FileNotFoundError if absent); a file
+        that is not JSON raises FormatError naming it."""
+        try:
+            raw = retry(lambda: self.fs.cat_file(path), f"read {path}")
+        except IsADirectoryError as exc:
+            raise FormatError(f"{path} is a directory, not a commit record; {_REWRITE}") from exc
+        return parse_json(raw, path)
+
+    def _optional(self, name: str, listing: bool = False) -> Any:
+        """The record ``name`` (None if absent): a JSON object, or with ``listing`` an array
+        of objects; FormatError naming the file otherwise."""
         path = self.path(name)
         try:
-            return read_json(self.fs, path)
+            data = self._read(path)
         except FileNotFoundError:
             return None
+        if listing:
+            ok = isinstance(data, list) and all(isinstance(item, dict) for item in data)
+        else:
+            ok = isinstance(data, dict)
+        if not ok:
+            expected = "a JSON array of objects" if listing else "a JSON object"
+            raise FormatError(f"{path} must hold {expected}, got a JSON {type(data).__name__}; {_REWRITE}")
+        return data
 
     def sources(self) -> list[dict[str, Any]] | None:
         """The input listing the job started with (None before the job started)."""
-        return self._optional(SOURCES_RECORD)
+        return self._optional(SOURCES_RECORD, listing=True)
 
     def job(self) -> JobRecord | None:
         """What the job's shards hold (None: no job started here, or one written before the
         record existed).
 
         Raises:
-            FormatError: the record was written by a labelgen of another major format version.
+            FormatError: the record was written by a labelgen of another major format version,
+                or is not a job record (names the file and the field).
         """
         data = self._optional(JOB_RECORD)
         if data is None:
             return None
-        found = str(data.get("format_version", FORMAT_VERSION))
-        if found.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-            raise FormatError(
-                f"{self.path(JOB_RECORD)} has format version {found}, this reader supports "
-                f"{FORMAT_VERSION}; install the labelgen release that matches the dataset"
-            )
-        known = {f.name for f in dataclasses.fields(JobRecord)}
-        return JobRecord(**{key: value for key, value in data.items() if key in known})
+        return JobRecord.from_dict(data, self.path(JOB_RECORD))
 
     def tokenizer(self) -> dict[str, Any] | None:
         """The job's tokenizer record (None before the job wrote it)."""
@@ -169,26 +214,61 @@ class CommitLog:
         return {record.unit: record for record in self._records((_UNIT_PREFIX,), _UNIT_PREFIX)[1]}
 
     def _records(self, prefixes: tuple[str, ...], common: str) -> tuple[list[ShardRecord], list[UnitRecord]]:
+        """Shard and unit records among the listed files whose names start with ``prefixes``.
+
+        Raises:
+            FormatError: a record is not JSON, has a field of the wrong type, a shard path
+                outside the dataset, or a file name other than the one its writer gives it.
+        """
         shards, units = [], []
-        for path in self._list(common):
-            name = path.rsplit("/", 1)[-1]
+        for name in self._names(common):
             if not name.endswith(_SUFFIX) or not name.startswith(prefixes):
                 continue  # temporary files (*.json.tmp-PID) and the job's other records
-            data = read_json(self.fs, path)
+            path = self.path(name)
+            data = self._read(path)
             if name.startswith(unit_shard_prefix()):
-                shards.append(ShardRecord(**data))
+                shard = ShardRecord.from_dict(data, path)
+                expected = _shard_record_name(shard)
+                shards.append(shard)
             else:
-                units.append(UnitRecord(**data))
+                unit = UnitRecord.from_dict(data, path)
+                expected = _unit_record_name(unit.unit)
+                units.append(unit)
+            if name != expected:
+                raise FormatError(
+                    f"{path} holds the record of {expected} (its writer names each record after its "
+                    f"shard or unit); {_REWRITE}"
+                )
         shards.sort(key=lambda r: (r.unit, r.index))
         return shards, units
 
     def count_shards(self) -> int:
         """How many shard records are listed (no record is read)."""
         try:
-            names = [path.rsplit("/", 1)[-1] for path in self._list(unit_shard_prefix())]
-        except OSError:
+            names = self._names(unit_shard_prefix())
+        except (OSError, FormatError):
             return 0
         return sum(1 for name in names if name.startswith(unit_shard_prefix()) and name.endswith(_SUFFIX))
 
-    def _list(self, prefix: str) -> list[str]:
-        return retry(lambda: list_fresh(self.fs, self.directory, prefix), f"list {self.directory}")
+    def _names(self, prefix: str) -> list[str]:
+        """Names of the files listed directly in the log's directory (those starting with
+        ``prefix`` where the store filters by key prefix), sorted; deeper keys are skipped.
+
+        Raises:
+            FormatError: the store listed a path outside the directory.
+        """
+        listed = retry(lambda: list_fresh(self.fs, self.directory, prefix), f"list {self.directory}")
+        names = []
+        inside = self.directory.rstrip("/") + "/"
+        for path in listed:
+            if path.rstrip("/") == inside[:-1]:
+                continue  # some stores list the directory itself
+            if not path.startswith(inside):
+                raise FormatError(
+                    f"listing {self.directory} returned {path!r:.200}, outside it; the commit log's "
+                    "store is misconfigured: check the dataset URL"
+                )
+            name = path[len(inside) :]
+            if name and "/" not in name:  # deeper keys (s3fs find) are no records of this log
+                names.append(name)
+        return names

@@ -3,6 +3,8 @@
 A reader trusts ``manifest.json`` alone for a complete dataset; a missing manifest
 means "incomplete", never "empty". While a job still writes, what its shards hold
 (k, codec) comes from the job record of the commit log, written before any shard.
+Whatever bytes a manifest holds, reading it ends in a :class:`Manifest` or a FormatError
+naming the file (:meth:`Manifest.from_json`).
 """
 
 from __future__ import annotations
@@ -37,11 +39,15 @@ def read_manifest_if_complete(fs: Any, root: str) -> Manifest | None:
     """The manifest if the dataset is complete (``manifest.json`` present), else None."""
     path = join_url(root, MANIFEST_NAME)
     try:
-        with fs.open(path, "r") as f:
-            text = f.read()
+        with fs.open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return None
-    return Manifest.from_json(text, where=path)
+    except IsADirectoryError as exc:
+        raise FormatError(
+            f"{path} is a directory, not a manifest; remove it or re-run the labeling job"
+        ) from exc
+    return Manifest.from_json(data, where=path)
 
 
 def labels_layout(fs: Any, root: str, manifest: Manifest | None = None) -> JobRecord | None:

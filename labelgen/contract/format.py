@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,8 @@ from labelgen.contract.codecs import DEFAULT_CODEC, get_codec
 from labelgen.contract.codecs.base import flat_field
 from labelgen.contract.columns import Columns
 from labelgen.contract.errors import FormatError
+from labelgen.contract.records import REWRITE as _REWRITE
+from labelgen.contract.records import check_layout, parse_json, parse_record
 
 __all__ = [
     "FORMAT_NAME",
@@ -52,6 +56,7 @@ __all__ = [
     "Columns",
     "label_schema",
     "hidden_schema",
+    "schema_problem",
     "shard_name",
     "unit_shard_prefix",
     "ShardRecord",
@@ -60,6 +65,12 @@ __all__ = [
     "token_hash",
     "tokenizer_fingerprint",
     "check_format_version",
+    "MAX_PATH_CHARS",
+    "check_dataset_path",
+    "dataset_file",
+    "check_layout",
+    "parse_json",
+    "parse_record",
     "join_url",
 ]
 
@@ -72,6 +83,9 @@ HIDDEN_DIR = "hidden"
 COMMITS_DIR = "_commits"
 SHARD_PREFIX = "part-"  # shard stems: part-UUUUU-SSSSS (unit U, shard S)
 _VERSION_KEY = b"labelgen.format_version"
+MAX_PATH_CHARS = 1024
+"""The longest dataset path a record may hold."""
+_SEGMENT = re.compile(r"[A-Za-z0-9._+=-]+")
 
 
 def label_schema(draws: bool = False, codec: str = DEFAULT_CODEC) -> pa.Schema:
@@ -109,6 +123,25 @@ def hidden_schema(layers: Iterable[int]) -> pa.Schema:
     )
 
 
+def schema_problem(table: pa.Table, schema: pa.Schema) -> str | None:
+    """What keeps ``table`` from holding every column of ``schema`` with its type (a list
+    column: its value type) and, where the schema says non-nullable, without nulls; None
+    if nothing. Readers check a shard's table with it before decoding a value."""
+    for expected in schema:
+        if expected.name not in table.column_names:
+            return f"has no column {expected.name!r}"
+        found = table.schema.field(expected.name).type
+        if pa.types.is_list(expected.type):
+            ok = pa.types.is_list(found) and found.value_type == expected.type.value_type
+        else:
+            ok = found == expected.type
+        if not ok:
+            return f"has column {expected.name!r} of type {found}, the label format says {expected.type}"
+        if not expected.nullable and table.column(expected.name).null_count:
+            return f"has {table.column(expected.name).null_count} null(s) in column {expected.name!r}"
+    return None
+
+
 def shard_name(unit: int, shard: int) -> str:
     """Zero-padded shard stem; lexical order equals (unit, shard) order."""
     return f"{unit_shard_prefix(unit)}{shard:05d}"
@@ -140,15 +173,84 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def join_url(base: str, *parts: str) -> str:
-    """Join URL path parts with '/', keeping the scheme of ``base``."""
+    """Join URL path parts with '/', keeping the scheme of ``base``.
+
+    For paths read from records use :func:`dataset_file`, which refuses those that would
+    leave the dataset."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _path_problem(path: object) -> str | None:
+    """What keeps ``path`` from being a dataset path (None: nothing)."""
+    if not isinstance(path, str):
+        return f"it is a {type(path).__name__}, not a string"
+    if not path:
+        return "it is empty"
+    if len(path) > MAX_PATH_CHARS:
+        return f"it is {len(path)} characters long, more than {MAX_PATH_CHARS}"
+    if path.startswith("/"):
+        return "it is absolute (starts with '/')"
+    if ":" in path:
+        return "it holds ':' (a URL scheme or a drive)"
+    if "\\" in path:
+        return "it holds a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "it holds a control character"
+    for segment in path.split("/"):
+        if segment == "":
+            return "it has an empty segment ('//' or a trailing '/')"
+        if segment in (".", ".."):
+            return f"it has a {segment!r} segment"
+        if not _SEGMENT.fullmatch(segment):
+            return f"its segment {segment!r} holds characters other than letters, digits and '._+=-'"
+    return None
+
+
+def check_dataset_path(path: object, where: str) -> str:
+    """``path`` if it names a file inside a dataset, else FormatError naming it and ``where``.
+
+    The one rule for every path a record holds (shard, hidden shard) and every reader
+    joins to a dataset root: relative to the root, '/'-separated segments of letters,
+    digits and ``._+=-``, none of them empty, ``.`` or ``..``, at most ``MAX_PATH_CHARS``
+    characters. So no leading '/', no scheme or drive (':'), no backslash, no control
+    character and nothing an HTTP store would read as an escape, query or fragment
+    (``%``, ``?``, ``#``): joined to the root it can only name a file under it.
+    """
+    problem = _path_problem(path)
+    if problem is not None:
+        raise FormatError(
+            f"{where}: {path!r:.200} is not a dataset path ({problem}), so it could name a file outside "
+            "the dataset; a dataset path is relative to the dataset root, '/'-separated segments of "
+            f"letters, digits and '._+=-', none '.' or '..' (e.g. {SHARDS_DIR}/part-00000-00000.parquet); "
+            f"{_REWRITE}"
+        )
+    return typing.cast(str, path)  # _path_problem checked it is a str
+
+
+def dataset_file(root: str, path: str, where: str = "dataset path") -> str:
+    """``path`` (from a record) joined to the dataset ``root`` (a path or URL), after
+    :func:`check_dataset_path`: the only way a reader turns a recorded path into a file."""
+    return join_url(root, check_dataset_path(path, where))
+
+
+def _check_path_field(value: str, where: str) -> None:
+    check_dataset_path(value, where)
+
+
+def _check_optional_path_field(value: str, where: str) -> None:
+    if value != "":
+        check_dataset_path(value, where)
+
+
+_DATASET_PATH: dict[str, Any] = {"check": _check_path_field}
+_OPTIONAL_DATASET_PATH: dict[str, Any] = {"check": _check_optional_path_field}
 
 
 @dataclass(frozen=True)
 class ShardRecord:
     """One committed shard."""
 
-    path: str  # relative to the dataset root, e.g. "shards/part-00000-00001.parquet"
+    path: str = field(metadata=_DATASET_PATH)  # relative to the dataset root: check_dataset_path
     unit: int
     index: int  # shard index within the unit
     rows: int
@@ -159,9 +261,20 @@ class ShardRecord:
     sha256: str
     first_sequence: int  # unit-local index of the first sequence in the shard
     next_sequence: int  # unit-local index one past the last sequence in the shard
-    hidden_path: str = ""  # the matching hidden-state shard, if the product is on
+    hidden_path: str = field(default="", metadata=_OPTIONAL_DATASET_PATH)  # its hidden-state shard, or ""
     hidden_bytes: int = 0
     hidden_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse paths that leave the dataset, however the record is made (the writer too)."""
+        _check_path_field(self.path, "shard record field 'path'")
+        _check_optional_path_field(self.hidden_path, "shard record field 'hidden_path'")
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> ShardRecord:
+        """A shard record from parsed JSON (manifest entry or commit record), every field
+        checked (:func:`parse_record`); FormatError naming ``where`` and the field otherwise."""
+        return parse_record(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -175,6 +288,11 @@ class UnitRecord:
     shards: int
     rejected: dict[str, int] = field(default_factory=dict)
     source_sha256: str = ""
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> UnitRecord:
+        """A unit record from parsed JSON, every field checked (:func:`parse_record`)."""
+        return parse_record(cls, data, where)
 
 
 @dataclass
@@ -225,19 +343,26 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{where} is not valid JSON: {exc}") from exc
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:
+        """Parse a manifest; any text that is not a manifest this reader can trust raises
+        FormatError naming ``where`` (and the field), never another exception.
+
+        Keys the manifest does not define are ignored (``totals`` and ``rejected`` are
+        recomputed): a later minor format version may add fields. Fields are type-checked
+        (:func:`parse_record`), shard paths must stay inside the dataset
+        (:func:`check_dataset_path`), and k, the codec and the products must be ones this
+        reader can decode (:func:`check_layout`).
+        """
+        data = parse_json(text, where)
+        if not isinstance(data, dict):
+            raise FormatError(
+                f"{where} is not a {FORMAT_NAME} manifest: it holds a JSON {type(data).__name__}, not an "
+                "object; restore the file or re-run the labeling job"
+            )
         check_format_version(data, where)
-        data.pop("totals", None)
-        data.pop("rejected", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["shards"] = [ShardRecord(**s) for s in data.get("shards", [])]
-        data["units"] = [UnitRecord(**u) for u in data.get("units", [])]
-        return cls(**data)
+        manifest = parse_record(cls, data, where)
+        check_layout(manifest.k, manifest.codec, manifest.products, where)
+        return manifest
 
 
 def check_format_version(data: Mapping[str, Any], where: str) -> None:

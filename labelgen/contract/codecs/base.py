@@ -7,6 +7,10 @@ encoder, decoder and how to read ``k`` off a table. Nothing outside
 :mod:`labelgen.contract.codecs` knows which codec stores what.
 
 Shapes: R rows, ``positions`` (R,) label positions per row (T - 1), N = sum(positions).
+
+Decoders read bytes from outside: whatever a table holds, they return arrays of the
+documented shapes or raise FormatError (the helpers here check column types, nulls and
+per-row lengths; each codec checks the values it alone understands).
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ import pyarrow as pa
 from labelgen.contract.columns import Columns
 from labelgen.contract.errors import FormatError
 
-__all__ = ["Codec", "binary_parts", "flat_field", "list_array", "list_values", "offsets_of"]
+__all__ = [
+    "Codec",
+    "binary_parts",
+    "check_positions",
+    "flat_field",
+    "list_array",
+    "list_lengths",
+    "list_parts",
+    "list_values",
+    "offsets_of",
+]
 
 
 class Codec(ABC):
@@ -68,13 +82,12 @@ class Codec(ABC):
     def infer_k(self, table: pa.Table, where: str) -> int:
         """The top-k width of a table: entries of :attr:`k_column` per label position."""
         positions = len(list_values(table, Columns.LABEL_MASK))
-        column = table.column(self.k_column).combine_chunks()
-        if pa.types.is_list(column.type):
+        if pa.types.is_list(_column(table, self.k_column).type):
             entries = len(list_values(table, self.k_column))
         else:
             offsets = binary_parts(table, self.k_column)[1]
             entries = int(offsets[-1] - offsets[0])
-        if positions == 0 or entries % positions:
+        if positions == 0 or entries == 0 or entries % positions:
             raise FormatError(
                 f"{where}: cannot infer k ({entries} {self.name} top-k entries for {positions} positions)"
             )
@@ -106,19 +119,100 @@ def list_array(values: np.ndarray, positions: np.ndarray, width: int, value_type
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).ravel(), value_type))
 
 
+def _column(table: pa.Table, name: str) -> pa.Array:
+    """Column ``name`` as one array; FormatError if it is missing or holds nulls."""
+    if name not in table.column_names:
+        raise FormatError(f"the table has no column {name!r} (columns: {', '.join(table.column_names)})")
+    chunked = table.column(name)
+    column = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()  # no copy of one
+    if column.null_count:
+        raise FormatError(f"column {name!r} holds {column.null_count} null(s); every column is non-nullable")
+    return column
+
+
+def list_parts(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A flat list column → ((R + 1,) int64 offsets from 0, its values over every row).
+
+    Raises:
+        FormatError: the column is missing, not a list column, or holds nulls.
+    """
+    column = _column(table, name)
+    if not pa.types.is_list(column.type):
+        raise FormatError(f"column {name!r} must be a list column, got {column.type}")
+    values = column.flatten()  # the rows' values only, also of a sliced array
+    if values.null_count:
+        raise FormatError(f"column {name!r} holds {values.null_count} null value(s); lists are non-nullable")
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    if len(offsets) == 0:  # an empty array may carry no offsets at all
+        offsets = np.zeros(1, np.int64)
+    return offsets - offsets[0], values.to_numpy(zero_copy_only=False)
+
+
 def list_values(table: pa.Table, name: str) -> np.ndarray:
-    """The flat values of list column ``name`` over every row of ``table`` (zero-copy where Arrow allows)."""
-    column = table.column(name).combine_chunks()
-    offsets = column.offsets.to_numpy()
-    return column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    """The flat values of list column ``name`` over every row of ``table`` (zero-copy where
+    Arrow allows); FormatError as in :func:`list_parts`."""
+    return list_parts(table, name)[1]
+
+
+def list_lengths(table: pa.Table, name: str) -> np.ndarray:
+    """(R,) int64 entries per row of list or binary column ``name``."""
+    if name in table.column_names and pa.types.is_list(table.schema.field(name).type):
+        return np.diff(list_parts(table, name)[0])
+    return np.diff(binary_parts(table, name)[1])
 
 
 def binary_parts(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A binary column → (its data buffer as uint8, (R + 1,) int64 offsets into it)."""
-    column = table.column(name).combine_chunks()
+    """A binary column → (its data buffer as uint8, (R + 1,) int64 offsets into it).
+
+    Raises:
+        FormatError: the column is missing, not binary, or holds nulls.
+    """
+    column = _column(table, name)
     if not pa.types.is_binary(column.type):
         raise FormatError(f"column {name!r} must be binary, got {column.type}")
     buffers = column.buffers()
     offsets = np.frombuffer(buffers[1], np.int32, len(column) + 1, 4 * column.offset).astype(np.int64)
     data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
     return data, offsets
+
+
+def check_positions(table: pa.Table, codec: str, k: int, widths: dict[str, int]) -> np.ndarray:
+    """(R,) label positions per row that a codec's columns hold, checked to agree.
+
+    Args:
+        codec: the codec's name (for messages).
+        widths: column → entries (or bytes) it stores per label position.
+
+    Raises:
+        FormatError: a row's length is not a multiple of its column's width, the columns
+            disagree on a row's positions, or (when the table has ``label_mask``) they
+            disagree with it: the shard is corrupt, or ``k`` is not its top-k width.
+    """
+    if k < 1:
+        raise FormatError(f"{codec}: k must be >= 1, got {k}")
+    positions: np.ndarray | None = None
+    first = ""
+    for name, width in widths.items():
+        lengths = list_lengths(table, name)
+        if (lengths % width).any():
+            raise FormatError(
+                f"{codec} columns disagree on the number of label positions (k={k}): column {name!r} has "
+                f"a row of {int(lengths[(lengths % width) != 0][0])} entries, not a multiple of {width}; "
+                "the shard is corrupt or k is wrong"
+            )
+        if positions is None:
+            positions, first = lengths // width, name
+        elif not np.array_equal(lengths // width, positions):
+            raise FormatError(
+                f"{codec} columns {first!r} and {name!r} disagree on the number of label positions "
+                f"(k={k}): the shard is corrupt"
+            )
+    assert positions is not None, "widths names at least one column"
+    if Columns.LABEL_MASK in table.column_names and not np.array_equal(
+        list_lengths(table, Columns.LABEL_MASK), positions
+    ):
+        raise FormatError(
+            f"{codec} top-k columns hold other label positions than {Columns.LABEL_MASK!r} (k={k}): "
+            "the shard is corrupt or k is wrong"
+        )
+    return positions

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from labelgen.contract.codecs.base import Codec, flat_field, list_array, list_values
+from labelgen.contract.codecs.base import Codec, check_positions, flat_field, list_array, list_values
+from labelgen.contract.errors import FormatError
 
 __all__ = ["CompactV1Codec", "CODEC", "STEP", "encode_arrays", "decode_arrays"]
 
@@ -44,11 +45,20 @@ def decode_arrays(gaps: np.ndarray, q: np.ndarray, tail: np.ndarray) -> tuple[np
 
     The dequantised top-k mass is rescaled to ``1 - exp(tail)``, so the stored tail mass
     is exact.
+
+    Raises:
+        FormatError: a gap is negative or an id leaves [0, 2**31 - 1) (a corrupt shard).
     """
-    ids = np.cumsum(gaps, axis=1, dtype=np.int64).astype(np.int32)
+    ids64 = np.cumsum(gaps, axis=1, dtype=np.int64)
+    if gaps.size and (gaps.min() < 0 or ids64.max() >= 2**31 - 1):
+        raise FormatError(
+            "compact-v1 id gaps are negative or sum past 2**31 - 1 (ids ascend from 0 per position): "
+            "the shard is corrupt"
+        )
+    ids = ids64.astype(np.int32)
     lps = q.astype(np.float64) * -STEP
     kept = np.log(np.exp(lps).sum(axis=1, keepdims=True))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # any float32 tail decodes
         target = np.log1p(-np.exp(tail.astype(np.float64)))[:, None]
     lps = (lps + np.where(np.isfinite(target), target - kept, 0.0)).astype(np.float32)
     order = np.argsort(q, axis=1, kind="stable")  # ascending level = descending log-prob
@@ -86,6 +96,7 @@ class CompactV1Codec(Codec):
         }
 
     def decode(self, table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+        check_positions(table, self.name, k, {ID_DELTAS: k, LOGPROB_Q: k, TAIL: 1})
         gaps = list_values(table, ID_DELTAS).reshape(-1, k)
         levels = list_values(table, LOGPROB_Q).reshape(-1, k)
         return decode_arrays(gaps, levels, list_values(table, TAIL))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from labelgen.contract.codecs.base import Codec, binary_parts, offsets_of
+from labelgen.contract.codecs.base import Codec, binary_parts, check_positions, offsets_of
 from labelgen.contract.errors import FormatError
 
 __all__ = ["CompactV2Codec", "CODEC", "KL_BUDGET", "sqrt_step", "encode_columns", "decode_columns"]
@@ -137,15 +137,16 @@ def decode_columns(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
     The first rank is the teacher's top-1; the others follow the decoded values, and
     entries whose values share a level keep id order. The top-k is rescaled so that its
     mass plus the stored tail mass is 1.
+
+    Raises:
+        FormatError: the columns disagree on a row's label positions (or with k), a head
+            byte or bit stream is malformed, or an id leaves [0, 2**31 - 1).
     """
+    positions = check_positions(table, CompactV2Codec.name, k, {ID_HEAD: k, SQRT_Q: k, TAIL: 2})
     head_data, field_rows = binary_parts(table, ID_HEAD)
     lev_data, lev_rows = binary_parts(table, SQRT_Q)
     bit_data, byte_offsets = binary_parts(table, ID_BITS)
     tail_data, tail_rows = binary_parts(table, TAIL)
-    positions = np.diff(tail_rows) // 2
-    counts = (np.diff(field_rows), np.diff(lev_rows))
-    if (np.diff(tail_rows) % 2).any() or not all(np.array_equal(c, positions * k) for c in counts):
-        raise FormatError(f"compact-v2 columns disagree on the number of label positions (k={k})")
     # Per head byte (lookup tables): its gap's leading bits and how many low bits follow.
     head = head_data[field_rows[0] : field_rows[-1]]
     if head.size and not _HEAD_VALID[head].all():
@@ -165,7 +166,10 @@ def decode_columns(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
     window = (words[word] << np.uint64(32)) | words[word + 1]
     low = ((window << (start & 31).astype(np.uint64)) >> np.uint64(1)) >> (63 - nbits).astype(np.uint64)
     gaps = (_HEAD_BASE[head] | low.astype(np.int64)).reshape(n, k)
-    ids = (np.cumsum(gaps, axis=1) - 1).astype(np.int32)
+    ids64 = np.cumsum(gaps, axis=1) - 1  # gaps are >= 1: ascending, distinct, >= 0
+    if ids64.size and ids64.max() >= 2**31 - 1:
+        raise FormatError("compact-v2 id gaps sum past 2**31 - 1: the shard is corrupt")
+    ids = ids64.astype(np.int32)
     levels = lev_data[lev_rows[0] : lev_rows[-1]].reshape(n, k)
     step = sqrt_step(k)
     level_lps = 2.0 * np.log(np.maximum(np.arange(256), _ZERO) * step)  # (256,) log-prob per level
@@ -174,7 +178,7 @@ def decode_columns(table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
     hi = lo + positions[pos_rows]
     tail = (tail_data[lo].astype(np.uint16) | (tail_data[hi].astype(np.uint16) << 8)).view("<f2")
     kept = np.log(np.exp(level_lps)[levels].sum(axis=1))
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # any float16 tail decodes
         target = np.log1p(-np.exp(tail.astype(np.float64)))
     shift = np.where(np.isfinite(target), target - kept, 0.0).astype(np.float32)[:, None]
     lps = level_lps.astype(np.float32)[levels] + shift

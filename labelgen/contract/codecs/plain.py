@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from labelgen.contract.codecs.base import Codec, flat_field, list_array, list_values
+from labelgen.contract.codecs.base import Codec, check_positions, flat_field, list_array, list_values
 from labelgen.contract.columns import Columns
 
 __all__ = ["PlainCodec", "CODEC"]
@@ -36,6 +36,7 @@ class PlainCodec(Codec):
         }
 
     def decode(self, table: pa.Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+        check_positions(table, self.name, k, {Columns.TOPK_IDS: k, Columns.TOPK_LOGPROBS: k})
         ids = list_values(table, Columns.TOPK_IDS).reshape(-1, k)
         lps = list_values(table, Columns.TOPK_LOGPROBS).reshape(-1, k)
         return ids, lps
