@@ -29,7 +29,7 @@ from typing import Any
 
 import fsspec
 
-from labelgen.spec import CorpusSpec
+from labelgen.spec import CHAT_ROLES, CorpusSpec
 
 __all__ = [
     "REJECTION_REASONS",
@@ -52,8 +52,8 @@ REJECTION_REASONS = {
     "invalid_text": "the text holds code points no tokenizer can encode (lone surrogates)",
     "missing_field": "the record has no text_field (and no messages_field)",
     "wrong_type": "the text field is not a string, or the messages field is not a list",
-    "bad_message": "a chat message is not a mapping with string 'role' and 'content'",
-    "unknown_role": "a chat message's role is not one of CHAT_ROLES",
+    "bad_message": "a chat message is not a mapping of string 'role' and 'content' (and plain JSON)",
+    "unknown_role": "a chat message's role is not one of corpus.chat_roles",
     "too_many_messages": "a chat has more than corpus.max_messages messages",
     "empty_text": "the text (or every assistant turn) is blank",
     "too_long": "the record is longer than corpus.max_record_chars",
@@ -63,8 +63,6 @@ REJECTION_REASONS = {
 }
 """Every reason a record (or a packed sequence) is left out, as counted in the manifest."""
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-"""Roles a chat message may have; any other is rejected as ``unknown_role``."""
 
 _JSONL = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 _TEXT = (".txt", ".md", ".txt.gz", ".txt.zst", ".text")
@@ -187,17 +185,46 @@ def _clean(text: str) -> bool:
 def _check_text(index: int, value: Any, max_chars: int, progress: int) -> Record | Rejected:
     if not isinstance(value, str):
         return Rejected(index, "wrong_type", progress)
+    if not value.strip():
+        return Rejected(index, "empty_text", progress)
     if len(value) > max_chars:
         return Rejected(index, "too_long", progress)
     if not _clean(value):
         return Rejected(index, "invalid_text", progress)
-    if not value.strip():
-        return Rejected(index, "empty_text", progress)
     return Record(index, text=value, progress=progress)
 
 
+_MAX_MESSAGE_DEPTH = 16  # nesting of a message's other keys (tool calls and their arguments)
+
+
+def _plain_chars(value: Any) -> int | None:
+    """Characters of text in ``value`` if it is plain JSON data (strings clean, nesting at
+    most ``_MAX_MESSAGE_DEPTH``), else None. Iterative: deep data cannot overflow the stack."""
+    chars, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _clean(item):
+                return None
+            chars += len(item)
+        elif isinstance(item, dict | list):
+            if depth >= _MAX_MESSAGE_DEPTH:
+                return None
+            if isinstance(item, dict):
+                if not all(isinstance(key, str) and _clean(key) for key in item):
+                    return None
+                chars += sum(len(key) for key in item)
+                item = list(item.values())
+            stack.extend((child, depth + 1) for child in item)
+        elif not (item is None or isinstance(item, bool | int | float)):
+            return None
+    return chars
+
+
 def _check_messages(index: int, value: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
-    """A chat record of clean ``{"role", "content"}`` messages (other keys are dropped)."""
+    """A chat record of clean messages: a string ``role`` of ``corpus.chat_roles``, a string
+    ``content``, and other keys (``name``, ``tool_calls``, ...) kept when they hold plain JSON
+    data (dropped when null)."""
     if not isinstance(value, list) or not value:
         return Rejected(index, "wrong_type", progress)
     if len(value) > spec.max_messages:
@@ -210,14 +237,19 @@ def _check_messages(index: int, value: Any, spec: CorpusSpec, progress: int) -> 
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             return Rejected(index, "bad_message", progress)
-        if role not in CHAT_ROLES:
+        if role not in spec.chat_roles:
             return Rejected(index, "unknown_role", progress)
-        chars += len(content)
+        others = {key: item for key, item in message.items() if key not in ("role", "content")}
+        others = {key: item for key, item in others.items() if item is not None}
+        size = _plain_chars(others)
+        if size is None:
+            return Rejected(index, "bad_message", progress)
+        chars += len(content) + size
         if chars > spec.max_record_chars:
             return Rejected(index, "too_long", progress)
         if not _clean(content):
             return Rejected(index, "invalid_text", progress)
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **others})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return Rejected(index, "empty_text", progress)
     return Record(index, messages=messages, progress=progress)
@@ -271,9 +303,11 @@ def _lines(f: Any, limit: int) -> Iterator[tuple[bytes | None, int]]:
 
 
 def _line_limit(spec: CorpusSpec) -> int:
-    """Bytes a jsonl line may have: a record of max_record_chars characters, each escaped
-    as a six-byte JSON escape at worst, plus the rest of the object."""
-    return 6 * spec.max_record_chars + (1 << 16)
+    """Bytes a jsonl line may have before it is skipped unparsed as ``too_long``: a record
+    of max_record_chars characters, each escaped at worst (12 bytes for a character
+    outside the BMP), plus 16 MiB for the record's other fields. Bounds the memory one
+    line takes; the text's own limit is checked on the parsed field."""
+    return 12 * spec.max_record_chars + (16 << 20)
 
 
 def _read_jsonl(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
@@ -296,7 +330,7 @@ def _read_jsonl(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # bad syntax, or an integer of more than 4300 digits
                 yield Rejected(index, "malformed_json", progress)
                 continue
             except RecursionError:
@@ -352,8 +386,9 @@ def _read_parquet(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejecte
         yield from _read_rows(rows(), pf.metadata.num_rows, source, spec)
 
 
-def _hf_files(source: Source) -> list[str]:
-    """The Arrow files of a saved ``datasets`` directory, in order, from its ``state.json``.
+def _hf_files(source: Source) -> list[tuple[str, int]]:
+    """(URL, bytes) of each Arrow file of a saved ``datasets`` directory, in the order its
+    ``state.json`` lists them.
 
     Read with pyarrow, not ``datasets``: every record batch is validated before a value
     is touched, where a memory-mapped damaged file could crash the process.
@@ -368,20 +403,27 @@ def _hf_files(source: Source) -> list[str]:
     try:
         state = json.loads(fs.cat_file(f"{root}/state.json"))
         names = [entry["filename"] for entry in state["_data_files"]]
-    except FileNotFoundError:
-        names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.arrow"))
+    except FileNotFoundError as exc:
+        raise CorpusError(
+            f"{source.url} has no state.json, so it is not a directory Dataset.save_to_disk wrote; "
+            "save the dataset again, or point corpus.sources at its files"
+        ) from exc
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CorpusError(f"{source.url} has a damaged state.json ({type(exc).__name__}: {exc})") from exc
+        raise CorpusError(
+            f"{source.url} has a damaged state.json ({type(exc).__name__}: {exc}); save the dataset again"
+        ) from exc
     bad = [n for n in names if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..")]
     if bad or not names:
         raise CorpusError(
-            f"{source.url}: state.json lists no Arrow files or names outside the directory: {bad}"
+            f"{source.url} has a state.json that lists no Arrow files, or names outside the "
+            f"directory ({bad}); save the dataset again"
         )
-    return [fs.unstrip_protocol(f"{root}/{name}") for name in names]
+    return [(fs.unstrip_protocol(f"{root}/{name}"), int(fs.size(f"{root}/{name}"))) for name in names]
 
 
-def _hf_batches(url: str, columns: list[str] | None) -> Iterator[Any]:
-    """Validated record batches of one Arrow stream file (only ``columns``, if given)."""
+def _hf_batches(url: str, columns: list[str] | None) -> Iterator[tuple[Any, int]]:
+    """(validated record batch, bytes of the file read so far) of one Arrow stream file,
+    only ``columns`` if given."""
     import pyarrow as pa
 
     with fsspec.open(url, "rb") as f:
@@ -391,18 +433,20 @@ def _hf_batches(url: str, columns: list[str] | None) -> Iterator[Any]:
         for batch in reader:
             batch = batch.select(wanted)
             batch.validate(full=True)  # offsets and lengths inside their buffers
-            yield batch
+            yield batch, f.tell()
 
 
 def _read_hf(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     files = _hf_files(source)
     columns = [c for c in (spec.text_field, spec.messages_field) if c]
-    index = 0
-    for number, url in enumerate(files):
-        for batch in _hf_batches(url, columns):
+    index = done = 0
+    for url, size in files:
+        for batch, read in _hf_batches(url, columns):
+            progress = min(done + read, source.size)
             for row in batch.to_pylist():
-                yield _from_mapping(index, row, spec, source.size * number // len(files))
+                yield _from_mapping(index, row, spec, progress)
                 index += 1
+        done += size
 
 
 _READERS = {"jsonl": _read_jsonl, "text": _read_text, "parquet": _read_parquet, "hf": _read_hf}
@@ -458,7 +502,8 @@ def _check_parquet(source: Source, spec: CorpusSpec) -> None:
 def _check_hf(source: Source, spec: CorpusSpec) -> None:
     import pyarrow as pa
 
-    for url in _hf_files(source):
+    files = _hf_files(source)
+    for url, _ in files:
         with fsspec.open(url, "rb") as f:
             names = pa.ipc.open_stream(f).schema.names
         if not _parquet_columns(names, spec):
@@ -466,7 +511,7 @@ def _check_hf(source: Source, spec: CorpusSpec) -> None:
                 f"has no column {spec.text_field!r} in {url.rsplit('/', 1)[-1]} (columns: "
                 f"{', '.join(names)}); set corpus.text_field"
             )
-    next(_hf_batches(_hf_files(source)[0], None), None)  # the first batch decodes
+    next(_hf_batches(files[0][0], None), None)  # the first batch decodes
 
 
 _CHECKS = {"jsonl": _check_stream, "text": _check_stream, "parquet": _check_parquet, "hf": _check_hf}
@@ -495,11 +540,13 @@ def check_sources(sources: list[Source], spec: CorpusSpec) -> tuple[list[Source]
     with ThreadPoolExecutor(max_workers=min(16, max(len(sources), 1))) as pool:
         problems = list(pool.map(lambda s: _source_problem(s, spec), sources))
     bad = {s.name: p for s, p in zip(sources, problems, strict=True) if p is not None}
-    if bad and spec.on_bad_source == "error":
+    if bad and (spec.on_bad_source == "error" or len(bad) == len(sources)):
         by_name = {s.name: s.url for s in sources}
         lines = [f"corpus.sources: {by_name[name]} {reason}" for name, reason in bad.items()]
         lines.append(
-            f"{len(bad)} of {len(sources)} source(s) cannot be read; fix or remove them, or set "
+            f"no source can be read ({len(bad)} of {len(sources)}); fix them, or check corpus.sources"
+            if len(bad) == len(sources)
+            else f"{len(bad)} of {len(sources)} source(s) cannot be read; fix or remove them, or set "
             "corpus.on_bad_source=skip to label the others and count these in the manifest"
         )
         raise CorpusError("\n".join(lines))

@@ -58,11 +58,10 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(
+def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return _encode(tokenizer, text)
 
 
 def tokenize_record(tokenizer: Any, record: Record) -> Document | Rejected:
@@ -71,35 +70,53 @@ def tokenize_record(tokenizer: Any, record: Record) -> Document | Rejected:
     Chat masking renders the conversation turn by turn: the tokens between the prompt
     for assistant turn i (``add_generation_prompt=True``) and the rendering that
     includes turn i are that turn's tokens. This needs a template with the prefix
-    property, which the usual chat templates have; a conversation the template renders
-    otherwise (some templates drop earlier turns' reasoning) is rejected as
-    ``chat_not_prefix``, and one the template raises on (roles out of the order it
-    wants) as ``chat_template_error``.
+    property (each rendering a prefix of the next), which the usual chat templates have;
+    a conversation the template renders otherwise (some drop earlier turns' reasoning)
+    is rejected as ``chat_not_prefix``, and one the template raises on (roles out of the
+    order it wants) as ``chat_template_error``.
     """
     if record.messages is None:
         ids = _encode(tokenizer, record.text or "")
         return Document(record.index, ids, [1] * len(ids))
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "corpus.messages_field is set but the tokenizer has no chat template; set "
+            "teacher.tokenizer to one that has, or label the text field instead"
+        )
     messages = record.messages
     try:
-        ids = _render(tokenizer, messages, add_generation_prompt=False)
-        targets = [0] * len(ids)
+        text = _render(tokenizer, messages, add_generation_prompt=False)
+        turns = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            prompt = (
+                _render(tokenizer, messages[:i], add_generation_prompt=True) if i else _opening(tokenizer)
+            )
             upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-            start, end = len(prompt), len(upto)
-            if upto[:start] != prompt or ids[:end] != upto:
+            if not (upto.startswith(prompt) and text.startswith(upto)):
                 return Rejected(record.index, "chat_not_prefix", record.progress)
-            targets[start:end] = [1] * (end - start)
-    except _template_errors() as exc:
-        if "chat_template" in str(exc) and "not set" in str(exc):
-            raise ValueError(
-                "corpus.messages_field is set but the tokenizer has no chat template; set "
-                "teacher.tokenizer to one that has, or label the text field instead"
-            ) from exc
+            turns.append((prompt, upto))
+    except _template_errors():
         return Rejected(record.index, "chat_template_error", record.progress)
+    ids = _encode(tokenizer, text)
+    targets = [0] * len(ids)
+    for prompt, upto in turns:
+        start, end = len(_encode(tokenizer, prompt)), len(_encode(tokenizer, upto))
+        if end > len(ids) or start > end:
+            return Rejected(record.index, "chat_not_prefix", record.progress)
+        targets[start:end] = [1] * (end - start)
     return Document(record.index, ids, targets)
+
+
+def _opening(tokenizer: Any) -> str:
+    """What the template renders before a chat's first turn when that turn is the
+    assistant's: the generation prompt of an empty chat, or nothing where the template
+    (or transformers) refuses an empty chat."""
+    try:
+        return _render(tokenizer, [], add_generation_prompt=True)
+    except _template_errors():
+        return ""
 
 
 def _template_errors() -> tuple[type[BaseException], ...]:

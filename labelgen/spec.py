@@ -26,7 +26,11 @@ from labelgen.contract.codecs import CODEC_NAMES, DEFAULT_CODEC
 from labelgen.contract.configs import config_to_dict, load_config_file
 from labelgen.credentials import find_secrets, url_problem
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
+"""The default of ``corpus.chat_roles``: the roles the usual chat templates know."""
+
 __all__ = [
+    "CHAT_ROLES",
     "TeacherSpec",
     "CorpusSpec",
     "PackingSpec",
@@ -94,6 +98,9 @@ class CorpusSpec:
     max_messages: int = 256
     """Chats with more messages than this are rejected ('too_many_messages'): masking
     renders a chat once per assistant turn, so a huge message list costs quadratic time."""
+    chat_roles: tuple[str, ...] = CHAT_ROLES
+    """Roles a chat message may have; others are rejected ('unknown_role'). The default:
+    system, developer, user, assistant, tool, ipython, function."""
     on_bad_source: Literal["error", "skip"] = "error"
     """What to do with a source that cannot be read when the job is planned (a broken
     Parquet footer, a corrupt compressed stream, a damaged saved dataset): 'error' fails
@@ -333,11 +340,24 @@ class JobSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def content_hash(self) -> str:
-        """sha256 of what determines the labels (everything but output.overwrite and cluster)."""
+        """sha256 of what determines the labels (everything but output.overwrite, cluster
+        and corpus.on_bad_source, whose choice the sources listing records).
+
+        Fields added after a release are left out while at their default, so the spec of
+        an output that release wrote hashes as it did and the job resumes there."""
         data = self.to_dict()
         data["output"] = {k: v for k, v in data["output"].items() if k != "overwrite"}
         data.pop("cluster", None)
+        data["corpus"].pop("on_bad_source", None)
+        for section, name, default in _ADDED_FIELDS:
+            if data[section].get(name) == default:
+                del data[section][name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+# (section, field, default) of fields added to the spec after the first release: see
+# JobSpec.content_hash.
+_ADDED_FIELDS = (("corpus", "max_messages", 256), ("corpus", "chat_roles", list(CHAT_ROLES)))
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:

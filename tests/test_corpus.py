@@ -150,8 +150,31 @@ def test_chat_messages_are_checked_one_by_one(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     items = read_all(path, messages_field="messages", max_messages=300)
     assert reasons(items) == {"bad_message": 5, "unknown_role": 1, "too_many_messages": 1, "wrong_type": 1}
-    # Only role and content reach the chat template.
-    assert items[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    # Other keys reach the chat template when they hold plain data; null ones are dropped.
+    assert items[0].messages == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a", "extra": [1, {"x": 2}]},
+    ]
+
+
+def test_other_message_keys_must_be_plain_and_clean(tmp_path):
+    path = tmp_path / "c.jsonl"
+    a = {"role": "assistant", "content": "a"}
+    rows = [
+        {"messages": [{"role": "user", "content": "q", "name": None}, a]},
+        {"messages": [{"role": "ipython", "content": "out", "tool_call_id": "7"}, a]},
+        '{"messages": [{"role": "user", "content": "q", "name": "\\udc00"}, '
+        '{"role": "assistant", "content": "a"}]}',
+        {"messages": [{"role": "user", "content": "q", "args": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}, a]},
+        {"messages": [{"role": "user", "content": "q", "big": "x" * 50}, a]},
+    ]
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    items = read_all(path, messages_field="messages", max_record_chars=40)
+    assert items[0].messages[0] == {"role": "user", "content": "q"}
+    assert items[1].messages[0] == {"role": "ipython", "content": "out", "tool_call_id": "7"}
+    assert reasons(items) == {"bad_message": 2, "too_long": 1}
+    custom = read_all(path, messages_field="messages", max_record_chars=40, chat_roles=["user", "assistant"])
+    assert reasons(custom) == {"bad_message": 2, "too_long": 1, "unknown_role": 1}
 
 
 def test_an_overlong_jsonl_line_is_skipped_without_holding_it(tmp_path, monkeypatch):
@@ -195,6 +218,9 @@ def test_unreadable_sources_are_found_at_plan_time_with_file_and_reason(tmp_path
     kept, skipped = check_sources(sources, spec(sources=[f"{tmp_path}/*"], on_bad_source="skip"))
     assert [x.name for x in kept] == ["good.jsonl"]
     assert sorted(skipped) == ["bad.jsonl.gz", "broken.parquet"]
+    only_bad = spec(sources=[f"{tmp_path}/b*"], on_bad_source="skip")
+    with pytest.raises(CorpusError, match=r"no source can be read \(2 of 2\)"):
+        check_sources(resolve_sources(only_bad), only_bad)
 
 
 def test_a_parquet_source_without_the_text_column_fails_its_check(tmp_path):
@@ -254,3 +280,12 @@ def test_every_rejection_reason_is_declared_and_documented():
     assert emitted == set(REJECTION_REASONS)
     docs = (REPO / "docs" / "FORMAT.md").read_text()
     assert [reason for reason in REJECTION_REASONS if f"| `{reason}` |" not in docs] == []
+
+
+def test_long_lines_within_the_limits_and_huge_integers(tmp_path):
+    path = tmp_path / "c.jsonl"
+    emoji = json.dumps({"text": "\U0001f600" * 60_000})  # 12 bytes a character, escaped
+    path.write_text(emoji + '\n{"text": "hello", "id": ' + "1" * 5000 + "}\n")
+    items = read_all(path, max_record_chars=100_000)
+    assert isinstance(items[0], Record) and len(items[0].text) == 60_000
+    assert reasons(items) == {"malformed_json": 1}  # int() refuses 5000 digits: a bad record, not a crash

@@ -90,8 +90,8 @@ def read_checked(path, spec: CorpusSpec) -> list[Record | Rejected] | None:
         else:
             assert item.messages and len(item.messages) <= spec.max_messages
             for m in item.messages:
-                assert set(m) == {"role", "content"} and m["role"] in CHAT_ROLES
-                m["content"].encode("utf-8")
+                assert m["role"] in spec.chat_roles and isinstance(m["content"], str)
+                json.dumps(m, ensure_ascii=False).encode("utf-8")  # plain data, clean text
     return items
 
 

@@ -87,3 +87,23 @@ def test_conversations_the_chat_template_refuses_are_counted_not_fatal(teacher_d
     seqs = list(pack("src", iter(items), tok, load_config(PackingSpec, {"seq_len": 64}), rejected))
     assert rejected == {"chat_template_error": 1, "chat_not_prefix": 1}
     assert [s.sample_id for s in seqs] == ["src#0.0"]
+
+
+def test_a_generation_prompt_ending_in_a_space_still_masks(teacher_dir):
+    """Token ids of the prompt need not be a prefix of the chat's (the space merges with
+    the answer's first word); the rendered text is, and masking goes by token counts."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
+    chat = [
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "An ordered one."},
+    ]
+    doc = tokenize_record(tok, Record(0, messages=chat))
+    assert not isinstance(doc, Rejected)
+    text = tok.decode([t for t, m in zip(doc.ids, doc.targets, strict=True) if m])
+    assert "ordered one." in text and "What is a list" not in text
