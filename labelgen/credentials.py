@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from labelgen.contract.config_input import clip
+
 __all__ = [
     "CredentialError",
     "url_problem",
@@ -57,7 +59,7 @@ def url_problem(url: str) -> str | None:
         parts = urlsplit(url)
         parts.hostname  # noqa: B018 - parses the host (refuses a malformed IPv6 literal)
     except ValueError as exc:
-        return f"{_clip(url)!r} is not a valid URL ({exc}); fix its host part"
+        return f"{clip(url)!r} is not a valid URL ({exc}); fix its host part"
     if parts.username or parts.password or "@" in parts.netloc:
         return (
             f"{_redact(url)!r} embeds credentials (user:secret@host); remove them and provide credentials "
@@ -80,18 +82,13 @@ def check_url(url: str, what: str) -> None:
         raise CredentialError(f"{what}: {problem}")
 
 
-def _clip(text: str, limit: int = 200) -> str:
-    """``text`` cut to ``limit`` characters for an error message."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
     return (
-        f"{parts.scheme}://***@{host}{_clip(parts.path)}"
+        f"{parts.scheme}://***@{host}{clip(parts.path)}"
         if "@" in parts.netloc
-        else f"{parts.scheme}://{host}{_clip(parts.path)}?***"
+        else f"{parts.scheme}://{host}{clip(parts.path)}?***"
     )
 
 

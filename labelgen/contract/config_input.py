@@ -50,6 +50,7 @@ __all__ = [
     "MAX_DEPTH",
     "BAD_CHARS",
     "show",
+    "clip",
     "kind",
     "read_file",
     "read_yaml",
@@ -225,12 +226,12 @@ def _yaml_problem(exc: Exception, text: str) -> str:
     """A PyYAML error as a phrase following the file's name, with its line, column and a fix."""
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
-        problem = _clip(exc.problem or exc.context or "unreadable")
+        problem = clip(exc.problem or exc.context or "unreadable")
         where = f"{_mark(mark)}: " if mark is not None else ""
         context = ""
         if exc.problem and exc.context:
             started = f" at {_mark(exc.context_mark)}" if exc.context_mark is not None else ""
-            context = f" ({_clip(exc.context)}{started})"
+            context = f" ({clip(exc.context)}{started})"
         about = f"{exc.context} {problem}"
         if "could not determine a constructor" in problem:
             fix = (
@@ -267,11 +268,11 @@ def _yaml_problem(exc: Exception, text: str) -> str:
             "cannot appear in YAML; remove it (NUL and other control characters mean binary data: "
             "is this the right file?)"
         )
-    return f"is not valid YAML: {_clip(str(exc))}"
+    return f"is not valid YAML: {clip(str(exc))}"
 
 
-def _clip(text: str, limit: int = 300) -> str:
-    """``text`` cut to ``limit`` characters (PyYAML quotes tags and anchors, which may be huge)."""
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters for an error message (quoted values may be huge)."""
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 

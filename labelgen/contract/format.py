@@ -41,8 +41,7 @@ from labelgen.contract.codecs import DEFAULT_CODEC, get_codec
 from labelgen.contract.codecs.base import flat_field
 from labelgen.contract.columns import Columns
 from labelgen.contract.errors import FormatError
-from labelgen.contract.records import REWRITE as _REWRITE
-from labelgen.contract.records import check_layout, parse_json, parse_record
+from labelgen.contract.records import REWRITE, check_layout, parse_json, parse_record
 
 __all__ = [
     "FORMAT_NAME",
@@ -222,7 +221,7 @@ def check_dataset_path(path: object, where: str) -> str:
             f"{where}: {path!r:.200} is not a dataset path ({problem}), so it could name a file outside "
             "the dataset; a dataset path is relative to the dataset root, '/'-separated segments of "
             f"letters, digits and '._+=-', none '.' or '..' (e.g. {SHARDS_DIR}/part-00000-00000.parquet); "
-            f"{_REWRITE}"
+            f"{REWRITE}"
         )
     return typing.cast(str, path)  # _path_problem checked it is a str
 

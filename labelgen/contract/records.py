@@ -27,7 +27,6 @@ __all__ = ["REWRITE", "parse_json", "parse_record", "check_layout"]
 
 REWRITE = "the file is corrupt or was not written by labelgen: re-run the labeling job to rewrite it"
 """The fix every message about a damaged record ends with."""
-_REWRITE = REWRITE
 _MAX_INT = 2**63 - 1  # counts and indices are int64 wherever they are used
 _MAX_DEPTH = 64  # nesting of the free-form objects (teacher, tokenizer, corpus, products)
 _HIDDEN_DTYPES = ("float16", "bfloat16", "float32")
@@ -100,7 +99,7 @@ def _check_value(value: Any, kind: Any, where: str, name: str) -> Any:
         expected = f"a list of {args[0].__name__} objects"
     else:  # a field type this parser does not know: a bug in the record's definition
         raise TypeError(f"parse_record cannot check field {name!r} of type {kind}")
-    raise FormatError(f"{where} field {name!r} must be {expected}, got {_show(value)}; {_REWRITE}")
+    raise FormatError(f"{where} field {name!r} must be {expected}, got {_show(value)}; {REWRITE}")
 
 
 def _show(value: Any) -> str:
@@ -126,13 +125,13 @@ def parse_record(cls: type[R], data: object, where: str) -> R:
     """
     name = getattr(cls, "__name__", "record")
     if not isinstance(data, dict):
-        raise FormatError(f"{where} must be a JSON object ({name}), got {_show(data)}; {_REWRITE}")
+        raise FormatError(f"{where} must be a JSON object ({name}), got {_show(data)}; {REWRITE}")
     hints = _field_types(typing.cast(type, cls))
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise FormatError(f"{where} has no field {f.name!r} ({name}); {_REWRITE}")
+                raise FormatError(f"{where} has no field {f.name!r} ({name}); {REWRITE}")
             continue
         values[f.name] = _check_value(data[f.name], hints[f.name], where, f.name)
         check: Callable[[Any, str], None] | None = f.metadata.get("check")
@@ -176,7 +175,7 @@ def check_layout(k: int, codec: str, products: Mapping[str, Any], where: str) ->
     a JSON object, and the product fields readers use, where present, of the types they
     need (products and fields this reader does not know are allowed)."""
     if k < 1:
-        raise FormatError(f"{where} field 'k' must be >= 1, got {k}; {_REWRITE}")
+        raise FormatError(f"{where} field 'k' must be >= 1, got {k}; {REWRITE}")
     if codec not in CODEC_NAMES:
         raise FormatError(
             f"{where} field 'codec' is {codec!r:.80}, not a codec this reader knows "
@@ -191,4 +190,4 @@ def check_layout(k: int, codec: str, products: Mapping[str, Any], where: str) ->
             if key in product and not ok(product[key]):
                 problems.append(f"products[{name!r}][{key!r}] must be {expected}, got {_show(product[key])}")
     if problems:
-        raise FormatError(f"{where}: {'; '.join(problems)}; {_REWRITE}")
+        raise FormatError(f"{where}: {'; '.join(problems)}; {REWRITE}")
