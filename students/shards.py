@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from labelgen.contract.codecs import Codec, codec_for_columns, get_codec
 from labelgen.contract.codecs.base import list_parts
+from labelgen.contract.errors import ChecksumError
 from labelgen.contract.format import (
     Columns,
     FormatError,
@@ -72,10 +73,6 @@ def check_verify_policy(verify: str) -> None:
     """Raise ValueError naming the policies unless ``verify`` is one of them."""
     if verify not in VERIFY_POLICIES:
         raise ValueError(f"verify={verify!r} is not a policy; choose one of {', '.join(VERIFY_POLICIES)}")
-
-
-class ChecksumError(FormatError):
-    """A shard's bytes do not match the size or sha256 its record promises."""
 
 
 @dataclass(frozen=True, order=True)
@@ -366,12 +363,24 @@ class ShardReader:
             )
         try:
             data = self.fs.cat_file(path)
+        except ChecksumError as exc:  # the filesystem checks bytes itself (labelgen:// URLs)
+            self._reject(file, f"failed its storage's check: {exc}")
+            return None
         except OSError as exc:
             raise FormatError(f"cannot read {path}: {exc}") from exc
         self.hashed_bytes += len(data)
         if len(data) != expected[0]:
             self._reject(file, f"is {len(data)} bytes, its record says {expected[0]} (truncated or replaced)")
             return None
+        if (
+            getattr(self.fs, "verifies_whole_reads", False)
+            and self.fs.info(path).get("sha256") == expected[1]
+        ):
+            # The filesystem (labelgen://) checked these bytes against this very sha256 as it
+            # read them, and raises ChecksumError otherwise: hashing them again adds nothing.
+            done: Future = Future()
+            done.set_result(expected[1])
+            return done, data
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
         return self._pool.submit(lambda: hashlib.sha256(data).hexdigest()), data

@@ -118,6 +118,7 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            self._report_lineage()
         self.dist.barrier()
         ckpt = self.out / "checkpoint" / "state.pt"
         if cfg.train.resume and ckpt.is_file():
@@ -136,6 +137,28 @@ class Trainer:
         check_compatibility(self.cfg, found, self.model.config, row_group_counts(found))
         self.manifests: dict[str, Manifest] = {url: m for url, m in found.items() if m is not None}
         self.eval_args, self.holdout = held_out_split(data, self._first_url, found, eval_manifest)
+
+    def _report_lineage(self) -> None:
+        """Tell the dataset service which versions this run trains from (``labelgen://`` URLs
+        only): the version's page lists the run. A failed report is logged, never fatal."""
+        urls = [
+            *label_urls(self.stages, self.cfg.data),
+            *([self.cfg.data.eval_url] if self.cfg.data.eval_url else []),
+        ]
+        served = sorted({u for u in urls if u.startswith("labelgen://")})
+        if not served:
+            return
+        from labelgen.catalog.fs import report_run
+
+        config = config_to_dict(self.cfg)
+        for url in served:
+            try:
+                run = report_run(url, name=str(self.out.resolve()), config=config)
+            except Exception as exc:  # lineage is a record, not a reason to stop training
+                self.log(f"could not report this run to the dataset service for {url}: {exc}")
+            else:
+                if run is not None:  # None: the service refused it (report_run logged why)
+                    self.log(f"reported run {run} to the dataset service as a student of {url}")
 
     def _setup_optimizer(self) -> None:
         """AdamW over the student and the hidden-state projections (no decay on biases and

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures defined elsewhere, available to every test module: `postgres_url` (a fresh,
+# empty PostgreSQL database per test) and the session's server check behind it.
+from pg_server import postgres_server, postgres_url  # noqa: F401
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -1,12 +1,15 @@
 """CLI surfaces (pinned --help), every shipped manifest validated, README commands present.
 
-Cluster manifests (KubeRay ``RayJob``, Kubernetes ``Job``) are checked for the fields
-their kind requires, and every job spec or student config they carry in a ConfigMap
-is validated like a file under manifests/jobs or manifests/students.
+Cluster manifests (KubeRay ``RayJob``, Kubernetes ``Job``, the catalog service's
+``Deployment`` + ``Service``) are checked for the fields their kind requires, and every
+job spec or student config they carry in a ConfigMap is validated like a file under
+manifests/jobs or manifests/students.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import shlex
 from pathlib import Path
 
@@ -118,7 +121,7 @@ def test_cluster_manifests_validate(path, tmp_path):
     if path.parent.name == "kuberay":
         assert "RayJob" in kinds, f"{path}: a KubeRay manifest runs a RayJob"
     else:
-        assert "Job" in kinds, f"{path}: a Kubernetes manifest here runs a batch Job"
+        assert kinds & {"Job", "Deployment"}, f"{path}: a Kubernetes manifest here runs a Job or a service"
     for doc in docs:
         if doc["kind"] == "RayJob":
             assert doc["apiVersion"] == "ray.io/v1"
@@ -157,8 +160,139 @@ def test_cluster_manifests_validate(path, tmp_path):
             assert embedded[Path(argv[2]).name] == "student"
             cfg = load_train_config(str(tmp_path / Path(argv[2]).name))
             assert (cfg.data.url or "").startswith("s3://"), "the student reads the labels' shard URL"
+        elif doc["kind"] == "Deployment":
+            _check_catalog_deployment(doc, path)
+        elif doc["kind"] == "Service":
+            _check_service(doc, docs, path)
         else:
             assert doc["kind"] == "ConfigMap", f"{path}: unexpected kind {doc['kind']}"
+
+
+def _documented_secrets(text: str) -> dict[str, set[str]]:
+    """The Secrets a manifest's comments tell how to create (``kubectl create secret
+    generic NAME --from-literal=KEY=...``, continued lines joined) → their keys."""
+    comments = "\n".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#"))
+    secrets: dict[str, set[str]] = {}
+    for command in re.sub(r"\\\n", " ", comments).splitlines():
+        named = re.search(r"kubectl create secret generic ([\w.-]+)", command)
+        if named:
+            keys = re.findall(r"--from-(?:literal|file)=([\w.-]+)=", command)
+            secrets.setdefault(named.group(1), set()).update(keys)
+    return secrets
+
+
+def _container_port(container: dict, port, where: str) -> int:
+    """A probe's or Service's port (a number or a port name) as one of the container's ports."""
+    ports = {p["containerPort"]: p for p in container.get("ports", [])}
+    by_name = {p["name"]: n for n, p in ports.items() if p.get("name")}
+    if isinstance(port, str) and not port.isdigit():
+        assert port in by_name, f"{where}: port {port!r} is not a named port of {container['name']}"
+        return by_name[port]
+    assert int(port) in ports, f"{where}: port {port} is not a containerPort of {container['name']}"
+    return int(port)
+
+
+def _check_catalog_deployment(doc: dict, path: Path) -> None:
+    """The catalog service: `labelgen serve`, configured from a documented Secret."""
+    where = f"{path} Deployment {doc['metadata']['name']}"
+    assert doc["apiVersion"] == "apps/v1"
+    spec = doc["spec"]
+    assert spec.get("replicas", 1) >= 1
+    template = spec["template"]
+    labels = template["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items(), f"{where}: selector misses the pods"
+    (container,) = _containers(template, where)
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[:2] == ["labelgen", "serve"], f"{where}: the Deployment runs the catalog service"
+    if "--port" in argv:
+        _container_port(container, argv[argv.index("--port") + 1], f"{where} --port")
+    env = {e["name"]: e for e in container.get("env", [])}
+    if "--db" not in argv:
+        assert "LABELGEN_DB" in env, f"{where}: without --db the service needs LABELGEN_DB"
+    documented = _documented_secrets(path.read_text())
+    for name, entry in env.items():
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert ref["key"] in documented.get(ref["name"], set()), (
+                f"{where}: {name} reads key {ref['key']!r} of Secret {ref['name']!r}, "
+                f"which the comments do not say how to create (they describe {documented})"
+            )
+    for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            assert source["secretRef"]["name"] in documented, f"{where}: envFrom {source} is not documented"
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = container.get(kind)
+        if probe is None:
+            assert kind == "startupProbe", f"{where}: needs a {kind}"
+            continue
+        assert probe["httpGet"]["path"] == "/health", f"{where}: {kind} checks GET /health"
+        _container_port(container, probe["httpGet"]["port"], f"{where} {kind}")
+    resources = container.get("resources", {})
+    assert resources.get("requests") and resources.get("limits"), f"{where}: set resources"
+    security = {**template["spec"].get("securityContext", {}), **container.get("securityContext", {})}
+    assert security.get("runAsNonRoot") is True, f"{where}: the service runs as a non-root user"
+
+
+def _check_service(doc: dict, docs: list[dict], path: Path) -> None:
+    """A Service in front of a Deployment of the same file, on one of its container's ports."""
+    where = f"{path} Service {doc['metadata']['name']}"
+    assert doc["apiVersion"] == "v1"
+    spec = doc["spec"]
+    assert spec.get("type", "ClusterIP") == "ClusterIP"
+    selector = spec["selector"]
+    targets = [
+        d
+        for d in docs
+        if d["kind"] == "Deployment"
+        and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert targets, f"{where}: selects no Deployment of this file"
+    assert spec["ports"], f"{where}: needs ports"
+    for deployment in targets:
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        for port in spec["ports"]:
+            _container_port(container, port.get("targetPort", port["port"]), f"{where} port {port['port']}")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+SERVICE_DEPLOYMENTS = [
+    (path, doc)
+    for path in CLUSTER_MANIFESTS
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc and doc["kind"] == "Deployment"
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "doc"),
+    SERVICE_DEPLOYMENTS,
+    ids=[f"{p.name}:{d['metadata']['name']}" for p, d in SERVICE_DEPLOYMENTS],
+)
+def test_service_deployments_run_flags_labelgen_serve_accepts(path, doc):
+    parser = labelgen_cli.build_parser()
+    if "serve" not in _subcommands(parser):
+        pytest.skip("`labelgen serve` is not in the CLI yet")
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    argv = container.get("command", []) + container.get("args", [])
+    assert argv[0] == "labelgen"
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:
+        pytest.fail(f"{path}: `labelgen serve --help` does not accept {shlex.join(argv)} (exit {exc.code})")
+    ports = {p["containerPort"] for p in container["ports"]}
+    if getattr(args, "port", None) is not None:
+        assert int(args.port) in ports, f"{path}: serves on {args.port}, the container exposes {ports}"
+    if getattr(args, "host", None) is not None:
+        assert args.host == "0.0.0.0", f"{path}: the service must listen on all interfaces in a pod"
+
+
+def test_catalog_service_manifest_is_shipped():
+    assert SERVICE_DEPLOYMENTS, "manifests/k8s/catalog-service.yaml runs `labelgen serve`"
+    documented = _documented_secrets((REPO / "manifests" / "k8s" / "catalog-service.yaml").read_text())
+    assert documented["labelgen-catalog"] == {"database-url", "admin-token", "signing-key"}
 
 
 def test_example_job_specs_cover_8b_and_70b_on_s3():

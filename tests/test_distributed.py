@@ -1,7 +1,8 @@
 """Distributed training with torchrun: 2 CPU processes (gloo), DistributedDataParallel.
 
 Each rank reads different row groups and together they make exactly one pass; ranks
-end with identical weights; two launches give identical results (deterministic).
+end with identical weights; two launches give identical results (deterministic), the
+second reading the same labels through the dataset service (``labelgen://``).
 """
 
 from __future__ import annotations
@@ -44,13 +45,23 @@ def launch(config: Path, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_two_ranks_split_the_data_and_train_in_lockstep(fake_labels, teacher_dir, tmp_path):
+def test_two_ranks_split_the_data_and_train_in_lockstep(fake_labels, teacher_dir, tmp_path, monkeypatch):
     import pyarrow.dataset as ds
 
-    def config(name: str) -> Path:
+    from labelgen.catalog.client import CatalogClient
+    from labelgen.service.app import ServiceSettings
+    from labelgen.service.server import ServiceThread
+
+    token = "lgt_" + "d" * 43
+    monkeypatch.setenv("LABELGEN_TOKEN", token)  # the ranks inherit it
+    service = ServiceThread(
+        ServiceSettings(db_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}", bootstrap_token=token)
+    )
+
+    def config(name: str, url: str) -> Path:
         cfg = config_dict(
             student_config(
-                fake_labels,
+                url,
                 teacher_dir,
                 tmp_path / name / "run",
                 data={"batch_sequences": 3, "holdout_row_groups": 1},
@@ -63,8 +74,14 @@ def test_two_ranks_split_the_data_and_train_in_lockstep(fake_labels, teacher_dir
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    first = launch(config("a"), tmp_path / "a-out")
-    second = launch(config("b"), tmp_path / "b-out")
+    first = launch(config("a", fake_labels), tmp_path / "a-out")
+    with service:
+        client = CatalogClient(service.address, token=token)
+        client.create_team("nlp")
+        client.publish("nlp/web", fake_labels)
+        second = launch(config("b", f"labelgen://{service.address}/nlp/web@1"), tmp_path / "b-out")
+        runs = client.version("nlp/web@1")["runs"]
+    assert [r["name"] for r in runs] == [str((tmp_path / "b" / "run").resolve())]  # rank 0 reports once
 
     # Data: different rows per rank, together one pass over every row.
     m = read_manifest(fake_labels)

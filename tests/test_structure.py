@@ -96,13 +96,39 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_students_import_only_the_contract_from_labelgen():
+def test_students_import_only_the_contract_and_the_catalog_client_from_labelgen():
+    light = ("labelgen.contract", "labelgen.catalog")
     for name, imported in _graph().items():
         if name.startswith("students"):
-            outside = sorted(
-                m for m in imported if m.startswith("labelgen") and not m.startswith("labelgen.contract")
+            outside = sorted(m for m in imported if m.startswith("labelgen") and not m.startswith(light))
+            assert not outside, (
+                f"{name} imports {outside}; students may use labelgen.contract and labelgen.catalog"
             )
-            assert not outside, f"{name} imports {outside}; students may use labelgen.contract only"
+
+
+def test_the_catalog_client_imports_only_the_contract():
+    for name, imported in _graph().items():
+        if name.startswith("labelgen.catalog"):
+            outside = sorted(
+                m for m in imported if not m.startswith(("labelgen.contract", "labelgen.catalog"))
+            )
+            assert not outside, f"{name} imports {outside}; the client may use labelgen.contract only"
+
+
+def test_the_web_framework_and_the_database_layer_stay_in_the_service():
+    homes = {
+        ("fastapi", "starlette", "uvicorn", "anyio"): {"labelgen.service.app", "labelgen.service.server"},
+        ("sqlalchemy", "alembic"): {
+            "labelgen.service.db",
+            "labelgen.service.store",
+            "labelgen.service.migrations",
+        },
+    }
+    for libraries, allowed in homes.items():
+        importers = _importers(*libraries)
+        outside = {m for m in importers if not any(m == a or m.startswith(a + ".") for a in allowed)}
+        assert not outside, (libraries, outside)
+        assert importers, libraries  # the walk found them
 
 
 def test_the_contract_imports_nothing_else_from_the_project():
@@ -114,28 +140,35 @@ def test_the_contract_imports_nothing_else_from_the_project():
 def test_contract_and_students_stream_import_no_heavy_libraries():
     code = (
         "import sys, labelgen.contract, labelgen.spec, students, students.config, students.stream\n"
-        "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules]\n"
+        "import labelgen.catalog.fs, labelgen.catalog.commands\n"
+        "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers', 'fastapi', 'sqlalchemy', 'uvicorn')"
+        " if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 
+def _importers(*libraries: str) -> set[str]:
+    """Project modules that import any of ``libraries`` (or their submodules), anywhere."""
+    importers = set()
+    for path in _files(*PACKAGES):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n.split(".")[0] in libraries for n in names):
+                importers.add(_module(path))
+    return importers
+
+
 def test_vllm_and_ray_are_each_imported_in_one_module():
     for library, home in (("vllm", "labelgen.teacher_vllm"), ("ray", "labelgen.cluster")):
-        importers = set()
-        for path in _files(*PACKAGES):
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = (
-                    [a.name for a in node.names]
-                    if isinstance(node, ast.Import)
-                    else [node.module or ""]
-                    if isinstance(node, ast.ImportFrom)
-                    else []
-                )
-                if any(n == library or n.startswith(f"{library}.") for n in names):
-                    importers.add(_module(path))
-        assert importers == {home}, (library, importers)
+        assert _importers(library) == {home}, library
 
 
 def _code_strings(path: Path) -> Iterator[tuple[int, str]]:

@@ -242,6 +242,25 @@ class CommitLog:
         shards.sort(key=lambda r: (r.unit, r.index))
         return shards, units
 
+    @staticmethod
+    def record_file(record: ShardRecord | UnitRecord) -> str:
+        """The path, relative to the dataset root, of the commit record of a shard or unit."""
+        if isinstance(record, ShardRecord):
+            return join_url(COMMITS_DIR, _shard_record_name(record))
+        return join_url(COMMITS_DIR, _unit_record_name(record.unit))
+
+    def record_files(self) -> list[str]:
+        """Paths, relative to the dataset root, of every record file listed in the log's
+        directory (the job's records, shard and unit records; no temporary files), sorted:
+        what a copy of the dataset must carry besides its manifest, spec and shards."""
+        fixed = (SOURCES_RECORD, JOB_RECORD, TOKENIZER_RECORD, TEACHER_RECORD)
+        return [
+            join_url(COMMITS_DIR, name)
+            for name in self._names("")
+            if name in fixed
+            or (name.endswith(_SUFFIX) and name.startswith((unit_shard_prefix(), _UNIT_PREFIX)))
+        ]
+
     def count_shards(self) -> int:
         """How many shard records are listed (no record is read)."""
         try:
