@@ -23,6 +23,7 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -286,9 +287,20 @@ def _publish(args: argparse.Namespace) -> int:
                 job_spec = f.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise CatalogError(None, "job_spec", f"cannot read --job-spec {args.job_spec}: {exc}") from None
+    print(
+        f"publishing {url} as {dataset}: the service checks the manifest, the commit records and "
+        "every shard's size and sha256 (as long as reading the dataset once) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.monotonic()
     version = _client(args).publish(dataset, url, aliases=args.alias, job_spec=job_spec)
     aliases = ", ".join(version.get("aliases") or []) or "none besides latest"
-    print(f"published {version.get('ref')}: {version.get('files')} files, {_size(version.get('bytes'))}")
+    verb = "already published as" if version.get("existing") else "published"
+    print(
+        f"{verb} {version.get('ref')}: {version.get('files')} files, {_size(version.get('bytes'))} "
+        f"(verified in {time.monotonic() - started:.1f}s)"
+    )
     print(f"  aliases: {aliases}")
     for line in card_lines(version.get("card") or {}):
         print(f"  {line}")

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 import anyio
 
-from labelgen.catalog.names import DatasetRef, InvalidName, check_name
+from labelgen.catalog.names import DatasetRef, InvalidName
 from labelgen.contract.storage import is_local
 from labelgen.service import locations, store
 from labelgen.service.db import open_catalog
@@ -69,7 +69,6 @@ class ServiceSettings:
     local_paths: bool = True
     """May datasets be published from local paths? (``labelgen serve`` says no when it
     listens beyond loopback without ``--fs-root``.)"""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 MAX_PATH_CHARS = 2048
@@ -170,15 +169,14 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def _ref(team: str, name: str, ref: str) -> DatasetRef:
+    """``team/name@ref`` from a request's path; 400 naming the rule if it breaks one."""
     try:
-        team, name = check_name("team", team), check_name("dataset", name)
-        if not ref.isdigit():
-            check_name("alias", ref)
-        elif not 0 < int(ref) < 2**31:
-            raise InvalidName(f"version number must be in [1, 2^31), got {ref[:20]!r}")
+        parsed = DatasetRef(team, name, ref)
+        if parsed.version is not None and parsed.version >= 2**31:  # the column's range
+            raise InvalidName(f"version number must be below 2^31, got {ref[:20]!r}")
     except InvalidName as exc:
         raise ServiceError(400, "bad_name", str(exc)) from exc
-    return DatasetRef(team, name, ref)
+    return parsed
 
 
 def create_app(settings: ServiceSettings) -> Any:

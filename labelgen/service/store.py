@@ -232,10 +232,6 @@ def version_storage(session: Session, version_id: int) -> tuple[str, list[dict[s
     return None if row is None else (row.url, json.loads(row.files))
 
 
-def _version_number(ref: DatasetRef) -> int | None:
-    return int(ref.ref) if ref.ref.isdigit() else None
-
-
 class Catalog:
     """The catalog as one caller sees it, over one session (one transaction per request)."""
 
@@ -330,7 +326,7 @@ class Catalog:
     def _resolve(self, ref: DatasetRef, action: str = "read") -> tuple[Team, Dataset, Version]:
         team, ds = self._dataset(ref.team, ref.name)
         self._require(action, team.name, f"{team.name}/{ds.name}", ds.id)
-        number = _version_number(ref)
+        number = ref.version
         if number is None:
             alias = _name("alias", ref.ref)
             version = self.s.scalar(
