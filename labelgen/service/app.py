@@ -90,8 +90,9 @@ class _Guard:
 
     async def _refuse(self, scope: dict, send: Any, status: int, code: str, message: str) -> None:
         target = unquote(scope.get("raw_path", b"").decode("latin-1"))[:512]
-        await anyio.to_thread.run_sync(self.audit, ServiceError(status, code, message), target)
-        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        error = ServiceError(status, code, message)
+        await anyio.to_thread.run_sync(self.audit, error, target)
+        body = json.dumps(error.body()).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -203,11 +204,7 @@ def create_app(settings: ServiceSettings) -> Any:
         except Exception:  # the refusal is still answered if the log cannot be written
             log.exception("could not write a refusal to the audit log")
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse(
-            {"error": {"code": error.code, "message": error.message}},
-            status_code=error.status,
-            headers=headers,
-        )
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -231,15 +228,9 @@ def create_app(settings: ServiceSettings) -> Any:
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        refusal(request, ServiceError(500, "internal", f"internal error ({type(exc).__name__})"))
-        return JSONResponse(
-            {
-                "error": {
-                    "code": "internal",
-                    "message": f"internal error ({type(exc).__name__}); see the service's log",
-                }
-            },
-            status_code=500,
+        return refusal(
+            request,
+            ServiceError(500, "internal", f"internal error ({type(exc).__name__}); see the service's log"),
         )
 
     def audit_refusal(error: ServiceError, target: str) -> None:
@@ -426,7 +417,7 @@ def create_app(settings: ServiceSettings) -> Any:
         found = versions.get(sessions, version_id)
         if found is None:
             raise ServiceError(404, "no_version", f"no version with id {version_id}")
-        fs, full, record = locations.blob_path(found[0], found[1], path)
+        fs, root, full, record = locations.blob_path(found[0], found[1], path)
         if is_local(fs):
             try:
                 size = os.path.getsize(full)
@@ -437,7 +428,7 @@ def create_app(settings: ServiceSettings) -> Any:
                     f"{path} of this version is no longer in storage ({exc.strerror}); "
                     "the dataset's team must publish it again",
                 ) from exc
-            locations.check_local_file(locations.storage_fs(found[0])[1], full)
+            locations.check_local_file(root, full)
             if size != record["size"]:
                 raise ServiceError(
                     409,

@@ -14,3 +14,7 @@ class ServiceError(Exception):
         self.code = code
         self.message = message
         self.team = team  # the team whose resource was refused (its admins see it in the audit log)
+
+    def body(self) -> dict[str, dict[str, str]]:
+        """The JSON every refusal answers with: ``{"error": {"code", "message"}}``."""
+        return {"error": {"code": self.code, "message": self.message}}

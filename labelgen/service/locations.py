@@ -151,8 +151,9 @@ def check_signature(
 
 def blob_path(
     version_url: str, files: Sequence[dict[str, Any]], path: str
-) -> tuple[Any, str, dict[str, Any]]:
-    """(fs, full path, file record) of ``path`` inside a version; 404 if it is not one of its files."""
+) -> tuple[Any, str, str, dict[str, Any]]:
+    """(fs, version root, full path, file record) of ``path`` inside a version; 404 if it
+    is not one of its files."""
     try:
         path = check_dataset_path(path, "blob path")
     except FormatError as exc:
@@ -161,7 +162,7 @@ def blob_path(
     if record is None:
         raise ServiceError(404, "no_file", f"{path!r} is not a file of this version")
     fs, root = storage_fs(version_url)
-    return fs, join_url(root, path), record
+    return fs, root, join_url(root, path), record
 
 
 def check_local_file(root: str, path: str) -> None:
