@@ -10,6 +10,10 @@
 # without PostgreSQL it says `apt-get install postgresql` and exits 1.
 # PG_VERSION / PG_CLUSTER pick the cluster (default: 15/main, else the newest one).
 set -euo pipefail
+# Only the URL goes to the real stdout (fd 3): pg_ctlcluster and psql print notices such
+# as "Removed stale pid file." on stdout, and a caller capturing the URL must not get them.
+exec 3>&1 1>&2
+# (The server is started with fd 3 closed: the daemon would hold it open otherwise.)
 
 ROLE=labelgen
 PASSWORD=labelgen
@@ -59,9 +63,9 @@ if [ "$status" = online ]; then
 else
   say "starting PostgreSQL $version/$cluster (port $port)"
   if [ "$(id -u)" = 0 ]; then
-    pg_ctlcluster "$version" "$cluster" start
+    pg_ctlcluster "$version" "$cluster" start 3>&-
   else
-    as_postgres pg_ctlcluster "$version" "$cluster" start
+    as_postgres pg_ctlcluster "$version" "$cluster" start 3>&-
   fi
 fi
 
@@ -94,4 +98,4 @@ fi
 PGPASSWORD="$PASSWORD" psql -X -q -h 127.0.0.1 -p "$port" -U "$ROLE" -d "$DATABASE" -tAc "SELECT 1" >/dev/null ||
   die "cannot log in as $ROLE on 127.0.0.1:$port (does pg_hba.conf allow password logins from 127.0.0.1?)"
 say "ready: role $ROLE, database $DATABASE on 127.0.0.1:$port"
-echo "postgresql+psycopg://$ROLE:$PASSWORD@127.0.0.1:$port/$DATABASE"
+echo "postgresql+psycopg://$ROLE:$PASSWORD@127.0.0.1:$port/$DATABASE" >&3
