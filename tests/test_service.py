@@ -261,9 +261,15 @@ def test_bad_input_and_attacks_are_refused(service, dataset, caplog):
         "/data/../etc",
         "s3://",
         "",
+        "memory://x::s3://bucket/ds",
     ):
         status, out = call(service, "POST", "/v1/datasets/nlp/web/versions", writer, {"url": url})
         assert status == 400, (url, status, out)
+    # A version's URL is shown to every reader: credentials in it are refused, not stored.
+    for url in ("s3://AKIAKEY:hunter2@bucket/ds", "s3://bucket/ds?X-Amz-Signature=d0d0cafe"):
+        status, out = call(service, "POST", "/v1/datasets/nlp/web/versions", writer, {"url": url})
+        assert status == 400 and out["error"]["code"] == "credentials_in_url", (url, out)
+        assert "hunter2" not in out["error"]["message"] and "d0d0cafe" not in out["error"]["message"]
     for path in (
         "/v1/datasets/nlp/..%2F..%2Fetc/versions/1",
         "/v1/datasets/nlp/../nlp/web",

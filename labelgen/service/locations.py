@@ -1,8 +1,10 @@
 """Where a version's bytes live and where a reader fetches them.
 
 - :func:`check_storage_url`: the storage URLs a version may be published from (local
-  absolute paths, ``file://``, ``s3://``, ``gs://``/``gcs://``), with no ``..`` segments,
-  optionally only under configured roots. Anything else is refused before it is opened.
+  absolute paths, ``file://``, ``s3://``, ``gs://``/``gcs://``), with no ``..`` segments
+  and no embedded credentials or signatures (the rule of :mod:`labelgen.credentials`: a
+  version's URL is shown to every reader), optionally only under configured roots.
+  Anything else is refused before it is opened.
 - :func:`read_locations`: one GET URL per file of a version. Object stores that presign
   (s3fs, gcsfs) give short-lived presigned URLs, so the reader never holds bucket
   credentials and the service stays out of the data path; other storage (a filesystem)
@@ -26,6 +28,7 @@ from urllib.parse import quote
 import fsspec
 
 from labelgen.contract.format import FormatError, check_dataset_path, join_url
+from labelgen.credentials import url_problem
 from labelgen.service.errors import ServiceError
 
 __all__ = [
@@ -68,6 +71,9 @@ def check_storage_url(url: object, roots: Sequence[str] = (), local_paths: bool 
         raise ServiceError(
             400, "bad_url", f"url {url!r} chains filesystems ('::'); give the dataset's own URL"
         )
+    problem = url_problem(url)
+    if problem:
+        raise ServiceError(400, "credentials_in_url", problem)
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "file", url
