@@ -106,8 +106,15 @@ class CorpusSpec:
     Parquet footer, a corrupt compressed stream, a damaged saved dataset): 'error' fails
     the job before the model loads, naming every bad source; 'skip' leaves them out and
     lists them, with the reason, under ``corpus.skipped_sources`` in the manifest."""
+    unit_mib: float = 256.0
+    """Target size of a work unit (MiB of input). Larger files are split into units of
+    about this size so replicas share them: Parquet by row groups, jsonl and text by
+    byte ranges aligned to record boundaries, saved datasets by their Arrow files.
+    Compressed streams (.gz, .zst) cannot be split and stay one unit each."""
 
     def check(self):
+        if self.unit_mib <= 0:
+            yield "unit_mib", f"must be > 0, got {self.unit_mib}"
         if not self.sources:
             yield "sources", "must list at least one URL or glob"
         if self.max_record_chars < 1:
@@ -160,8 +167,14 @@ class LabelsSpec:
     int32 ids + float32 log-probs exactly; the compact codecs trade a bounded KL (mean
     <= 1e-3 nats per position) for 25-50% of plain's bytes. The student reader decodes
     every codec transparently; the target log-prob stays float32."""
+    logits_budget_mib: float = 1024.0
+    """Working memory (MiB) of the on-device label computation per engine step: the
+    hook computes logits, top-k, log-sum-exp, draws and targets in row chunks small
+    enough to stay within it (at least one row per chunk)."""
 
     def check(self):
+        if self.logits_budget_mib <= 0:
+            yield "logits_budget_mib", f"must be > 0, got {self.logits_budget_mib}"
         if self.k < 1:
             yield "k", f"must be >= 1, got {self.k}"
         if not 0 <= self.draws <= 255:
@@ -357,7 +370,12 @@ class JobSpec:
 
 # (section, field, default) of fields added to the spec after the first release: see
 # JobSpec.content_hash.
-_ADDED_FIELDS = (("corpus", "max_messages", 256), ("corpus", "chat_roles", list(CHAT_ROLES)))
+_ADDED_FIELDS = (
+    ("corpus", "max_messages", 256),
+    ("corpus", "chat_roles", list(CHAT_ROLES)),
+    ("corpus", "unit_mib", 256.0),
+    ("labels", "logits_budget_mib", 1024.0),
+)
 
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
