@@ -45,6 +45,7 @@ bench: $(STAMP) ## the benchmarks in bench/ at small sizes (about a minute; not 
 	$(BIN)/python bench/loss_memory.py --tokens 2048 --vocab 32768 --chunk 256
 	$(BIN)/python bench/loader.py --sequences 300 --seq-len 512 --k 64
 	$(BIN)/python bench/service.py --sequences 200 --seq-len 512 --k 32
+	$(BIN)/python bench/pipeline.py --tokens 100000
 
 $(STAMP): pyproject.toml scripts/setup-cpu.sh
 	bash scripts/setup-cpu.sh

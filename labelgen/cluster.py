@@ -1,16 +1,17 @@
 """The Ray executor and the Ray Jobs client: the only module that imports ray.
 
 ``labelgen run-ray SPEC`` is the job's driver. It plans the job like the local
-runner (:func:`labelgen.runner.plan_job`), starts ``cluster.replicas`` teacher
-replicas (Ray actors, each owning one vLLM engine on ``gpus_per_replica`` GPUs) and
-hands each idle replica the next pending work unit. A replica runs the same
-:func:`labelgen.runner.run_unit` as the local runner, after reading the unit's commit
-records itself, so a unit retried after its replica died resumes after its committed
-shards: nothing is lost and nothing is written twice. When a replica dies the driver
-logs it, starts a replacement and puts the unit back at the head of the queue, at
-most ``cluster.max_unit_attempts`` times per unit. The manifest is written last, by
-the driver, with :func:`labelgen.runner.finish_job`; a killed driver is resumed by
-submitting the job again.
+runner (:func:`labelgen.runner.plan_job`: the same work units, sources or parts of
+them, :mod:`labelgen.units`), starts ``cluster.replicas`` teacher replicas (Ray actors,
+each owning one vLLM engine on ``gpus_per_replica`` GPUs) and hands each idle replica
+the next pending work unit. A replica runs the same :func:`labelgen.runner.run_unit`
+as the local runner, after reading the unit's commit records itself, so a unit retried
+after its replica died resumes after its committed shards: nothing is lost and nothing
+is written twice. When a replica dies the driver logs it, starts a replacement and puts
+the unit back at the head of the queue, at most ``cluster.max_unit_attempts`` times per
+unit (each part of a split source is a unit of its own, retried on its own). The
+manifest is written last, by the driver, with :func:`labelgen.runner.finish_job`; a
+killed driver is resumed by submitting the job again.
 
 ``labelgen submit|status|logs|stop`` wrap Ray's Jobs API
 (:class:`ray.job_submission.JobSubmissionClient`): ``submit`` validates the spec
@@ -35,12 +36,12 @@ import fsspec
 
 from labelgen.contract.commits import CommitLog
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, UnitRecord, join_url
-from labelgen.corpus import Source
 from labelgen.progress import PROGRESS_NAME, JobProgress, UnitProgress, format_progress
 from labelgen.provenance import load_tokenizer
 from labelgen.runner import JobError, finish_job, plan_job, record_teacher, run_unit
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
+from labelgen.units import WorkUnit
 
 __all__ = [
     "import_ray",
@@ -71,7 +72,7 @@ def replica_name(spec: JobSpec, slot: int, generation: int = 0) -> str:
 
 
 class _Replica:
-    """One teacher replica: a vLLM engine plus the tokenizer; labels whole units."""
+    """One teacher replica: a vLLM engine plus the tokenizer; labels whole work units."""
 
     def __init__(self, spec: JobSpec, teacher_factory: Callable[[JobSpec], Teacher]):
         self.spec = spec
@@ -82,10 +83,10 @@ class _Replica:
     def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "provenance": self.teacher.provenance()}
 
-    def run(self, unit: int, source: Source) -> tuple[UnitRecord, int]:
+    def run(self, unit: WorkUnit) -> tuple[UnitRecord, int]:
         """Label one unit after its committed shards; returns its record and the tokens labeled now."""
-        committed = CommitLog.at(self.spec.output.url).shards(unit)
-        record = run_unit(self.spec, unit, source, self.tokenizer, self.teacher, committed, self.progress)
+        committed = CommitLog.at(self.spec.output.url).shards(unit.index)
+        record = run_unit(self.spec, unit, self.tokenizer, self.teacher, committed, self.progress)
         return record, self.progress.tokens
 
     def snapshot(self) -> dict[str, int]:
@@ -150,12 +151,12 @@ def run_job_ray(
     if plan.done is not None:
         log(f"{spec.output.url} is already complete ({plan.done.totals['rows']} sequences); nothing to do")
         return plan.done
-    pending = deque(unit for unit, _ in plan.pending)
+    pending = deque(unit.index for unit in plan.pending)
     if not pending:
         return finish_job(plan)
-    sources = dict(plan.pending)
+    work = plan.work
     replicas = min(spec.cluster.replicas, len(pending))
-    job = JobProgress(plan.sources, dict(plan.units), replicas=replicas, executor="ray")
+    job = JobProgress(work, dict(plan.units), replicas=replicas, executor="ray")
     pool = _Pool(ray, spec, teacher_factory, log)
     attempts: dict[int, int] = {}
     running: dict[Any, tuple[int, int]] = {}  # result ref -> (slot, unit)
@@ -180,9 +181,9 @@ def run_job_ray(
             while idle and pending:
                 slot, unit = idle.popleft(), pending.popleft()
                 attempts[unit] = attempts.get(unit, 0) + 1
-                ref = pool.actors[slot].run.remote(unit, sources[unit])
+                ref = pool.actors[slot].run.remote(work[unit])
                 running[ref] = (slot, unit)
-                log(f"unit {unit} ({sources[unit].name}) → replica {slot}, attempt {attempts[unit]}")
+                log(f"unit {unit} ({work[unit].describe()}) → replica {slot}, attempt {attempts[unit]}")
             timeout = max(0.0, next_report - time.monotonic())
             ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
             for ref in ready:
@@ -194,7 +195,8 @@ def run_job_ray(
                     log(f"replica {slot} died while labeling unit {unit}: {type(exc).__name__}")
                     if attempts[unit] >= spec.cluster.max_unit_attempts:
                         raise JobError(
-                            f"unit {unit} ({sources[unit].url}) failed {attempts[unit]} times "
+                            f"unit {unit} ({work[unit].describe()} at {work[unit].source.url}) failed "
+                            f"{attempts[unit]} times "
                             f"(cluster.max_unit_attempts={spec.cluster.max_unit_attempts}); its committed "
                             "shards are kept: fix the cause (see the replica logs) and submit the job again"
                         ) from exc

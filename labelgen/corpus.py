@@ -1,9 +1,20 @@
 """Corpus readers: sources (URLs, globs) → records, with every bad record counted.
 
-A *source* is one input file (or one saved HF ``datasets`` directory) and is one
-work unit of a labeling job. Reading a source yields :class:`Record` objects (a
-text or a chat) and :class:`Rejected` objects (the record index and a reason), in
-file order, so a re-run reads the same records with the same indices.
+A *source* is one input file (or one saved HF ``datasets`` directory). Reading a
+source, or one range of it (:func:`read_source` with ``part``: bytes of a jsonl or text
+file, row groups of a Parquet file, Arrow files of a saved dataset; the job's work
+units are planned in :mod:`labelgen.units`), yields :class:`Record` objects (a text or
+a chat) and :class:`Rejected` objects (the record index and a reason), in file order,
+so a re-run reads the same records with the same indices.
+
+A byte range ``[start, stop)`` of a jsonl or text file holds the records that *begin*
+in it (the rule Hadoop's line reader follows): reading skips to the first record that
+begins at or after ``start`` and reads every record that begins before ``stop``, to its
+end. The ranges of a file thus tile it and each record is read by exactly one of them,
+whatever the ranges' bounds. Records are lines (jsonl, ``text_split: line``) or
+paragraphs (``text_split: paragraph``): a paragraph begins at the file's start and
+after every blank line (one holding only ``\\n`` or ``\\r\\n``), which gives the same
+non-blank paragraphs as the whole-file reader's split on blank lines.
 
 The reader is the one place that decides what a valid record is: a :class:`Record`
 holds only clean ``str`` (encodable as UTF-8, no lone surrogates) and, for chats, a
@@ -22,10 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 
@@ -43,6 +54,12 @@ __all__ = [
     "check_sources",
     "read_source",
     "source_sha256",
+    "bytes_sha256",
+    "files_sha256",
+    "RowGroup",
+    "parquet_row_groups",
+    "row_group_span",
+    "hf_files",
 ]
 
 REJECTION_REASONS = {
@@ -78,7 +95,8 @@ class SourceError(CorpusError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input unit."""
+    """One input: a file, or a saved HF ``datasets`` directory (split into work units by
+    :mod:`labelgen.units`)."""
 
     url: str  # full URL with protocol
     name: str  # stable short name used in sample ids (path relative to the glob root)
@@ -88,10 +106,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Record:
-    index: int  # record number within the source, counting rejected records too
+    index: int  # record number within the source (a part: see read_source), counting rejected records too
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
-    progress: int = 0  # bytes of the source consumed so far (approximate for parquet/hf)
+    progress: int = 0  # bytes of the source (part) consumed so far (approximate for parquet/hf)
 
 
 @dataclass(frozen=True)
@@ -167,6 +185,38 @@ def source_sha256(source: Source) -> str:
     digest = hashlib.sha256()
     for file in files:
         with fs.open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bytes_sha256(url: str, start: int, stop: int) -> str:
+    """sha256 of bytes ``[start, stop)`` of the file at ``url`` (read in chunks).
+
+    Raises:
+        SourceError: the file ends before ``stop`` (it changed since the job was planned).
+    """
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+            digest.update(chunk)
+            left -= len(chunk)
+    if left > 0:
+        raise SourceError(
+            f"corpus source {url} ends {left} byte(s) before byte {stop}, the end of a work unit "
+            "planned when the job started: it was truncated or replaced since; restore it and re-run "
+            "the job (committed shards are kept), or use a new output.url"
+        )
+    return digest.hexdigest()
+
+
+def files_sha256(urls: Iterable[str]) -> str:
+    """sha256 of the files at ``urls``, their bytes one after another in the order given."""
+    digest = hashlib.sha256()
+    for url in urls:
+        with fsspec.open(url, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -310,33 +360,126 @@ def _line_limit(spec: CorpusSpec) -> int:
     return 12 * spec.max_record_chars + (16 << 20)
 
 
+def _lines_at(f: Any, start: int, limit: int) -> Iterator[tuple[bytes | None, int, int, bool]]:
+    """(line, offset of its first byte, offset past its end, whether the line before it is
+    blank) of every line of the seekable, uncompressed ``f`` that begins at or after
+    ``start``, as :func:`_lines` gives them (with their newline; None if over ``limit``).
+
+    Reading starts up to 3 bytes before ``start``, enough to tell whether the line just
+    before the first one yielded is blank (``\\n`` or ``\\r\\n``): a line read from mid-way
+    is taken as not blank, which it is whenever the next line begins at or after
+    ``start``. A line begun before ``start`` is read past (an over-long one without being held).
+    """
+    back = min(start, 3)
+    f.seek(start - back)
+    position = start - back
+    whole = position == 0  # the first piece read is a whole line only at the file's start
+    before_blank = False
+    for raw, size in _lines(f, limit):
+        begin, position = position, position + size
+        if begin >= start:
+            yield raw, begin, position, before_blank
+        before_blank = whole and raw in (b"\n", b"\r\n")
+        whole = True
+
+
+def _range_lines(f: Any, start: int, stop: int, limit: int) -> Iterator[tuple[bytes | None, int, int, bool]]:
+    """:func:`_lines_at`, the lines that begin in ``[start, stop)`` only."""
+    for line in _lines_at(f, start, limit):
+        if line[1] >= stop:
+            return
+        yield line
+
+
+def _paragraphs_at(
+    lines: Iterator[tuple[bytes | None, int, int, bool]], stop: int, limit: int
+) -> Iterator[tuple[bytes | None, int]]:
+    """(paragraph, offset past its last line) of the paragraphs that begin among ``lines``
+    (:func:`_lines_at`) before ``stop``; the paragraph None if its lines hold more than
+    ``limit`` bytes (then skipped, never held whole).
+
+    A paragraph begins at the file's start and after every blank line, and is its lines up
+    to and including the next blank one (so one between two blank lines is empty). Lines
+    before the first beginning among ``lines`` end a paragraph begun before them: not read.
+    """
+    held: bytearray | None = None  # the paragraph's lines so far; None before the first
+    over = False  # longer than limit
+    end = 0
+    for raw, begin, after, before_blank in lines:
+        if begin == 0 or before_blank:
+            if held is not None:
+                yield (None if over else bytes(held)), end
+            if begin >= stop:
+                return
+            held, over = bytearray(), False
+        if held is None:
+            continue
+        end = after
+        if raw is None or len(held) + len(raw) > limit:
+            held, over = bytearray(), True
+        elif not over:
+            held += raw
+    if held is not None:
+        yield (None if over else bytes(held)), end
+
+
+def _jsonl_items(
+    lines: Iterable[tuple[bytes | None, int]], total: int, spec: CorpusSpec
+) -> Iterator[Record | Rejected]:
+    """Records of jsonl ``lines`` ((line or None if over-long, bytes consumed after it))."""
+    for index, (raw, consumed) in enumerate(lines):
+        progress = min(consumed, total)
+        if raw is None:
+            yield Rejected(index, "too_long", progress)
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield Rejected(index, "invalid_utf8", progress)
+            continue
+        if not line.strip():
+            yield Rejected(index, "empty_text", progress)
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # bad syntax, or an integer of more than 4300 digits
+            yield Rejected(index, "malformed_json", progress)
+            continue
+        except RecursionError:
+            yield Rejected(index, "too_deep", progress)
+            continue
+        yield _from_mapping(index, row, spec, progress)
+
+
 def _read_jsonl(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    consumed = 0
     limit = _line_limit(spec)
     with fsspec.open(source.url, "rb", compression="infer") as f:
-        for index, (raw, size) in enumerate(_lines(f, limit)):
-            consumed += size
-            progress = min(consumed, source.size)
-            if raw is None:
-                yield Rejected(index, "too_long", progress)
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield Rejected(index, "invalid_utf8", progress)
-                continue
-            if not line.strip():
-                yield Rejected(index, "empty_text", progress)
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:  # bad syntax, or an integer of more than 4300 digits
-                yield Rejected(index, "malformed_json", progress)
-                continue
-            except RecursionError:
-                yield Rejected(index, "too_deep", progress)
-                continue
-            yield _from_mapping(index, row, spec, progress)
+        consumed = 0
+
+        def lines() -> Iterator[tuple[bytes | None, int]]:
+            nonlocal consumed
+            for raw, size in _lines(f, limit):
+                consumed += size
+                yield raw, consumed
+
+        yield from _jsonl_items(lines(), source.size, spec)
+
+
+def _read_jsonl_part(source: Source, spec: CorpusSpec, start: int, stop: int) -> Iterator[Record | Rejected]:
+    with fsspec.open(source.url, "rb") as f:  # only uncompressed files are split
+        lines = _range_lines(f, start, stop, _line_limit(spec))
+        yield from _jsonl_items(((raw, end - start) for raw, _, end, _ in lines), stop - start, spec)
+
+
+def _text_piece(index: int, piece: bytes, spec: CorpusSpec, progress: int) -> Record | Rejected | None:
+    """The record of one piece of a text file (a line, paragraph or the file); None if blank."""
+    if not piece.strip():
+        return None  # blank lines separate records in text files; they are not records
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return Rejected(index, "invalid_utf8", progress)
+    return _check_text(index, text.strip("\n"), spec.max_record_chars, progress)
 
 
 def _read_text(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
@@ -351,15 +494,36 @@ def _read_text(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     consumed = 0
     for index, piece in enumerate(pieces):
         consumed += len(piece) + 1
-        progress = min(consumed, source.size)
-        if not piece.strip():
-            continue  # blank lines separate records in text files; they are not records
-        try:
-            text = piece.decode("utf-8")
-        except UnicodeDecodeError:
-            yield Rejected(index, "invalid_utf8", progress)
-            continue
-        yield _check_text(index, text.strip("\n"), spec.max_record_chars, progress)
+        item = _text_piece(index, piece, spec, min(consumed, source.size))
+        if item is not None:
+            yield item
+
+
+def _read_text_part(source: Source, spec: CorpusSpec, start: int, stop: int) -> Iterator[Record | Rejected]:
+    """Lines or paragraphs (``text_split``) that begin in bytes ``[start, stop)``, read in
+    bounded memory: a piece over :func:`_line_limit` bytes is ``too_long``."""
+    size, limit = stop - start, _line_limit(spec)
+    with fsspec.open(source.url, "rb") as f:  # only uncompressed files are split
+        if spec.text_split == "line":
+            pieces = (
+                (raw.removesuffix(b"\n") if raw is not None else None, end)
+                for raw, _, end, _ in _range_lines(f, start, stop, limit)
+            )
+        else:
+            assert spec.text_split == "paragraph", spec.text_split  # 'file' sources are one unit
+            pieces = (
+                (raw.replace(b"\r\n", b"\n") if raw is not None else None, end)
+                for raw, end in _paragraphs_at(_lines_at(f, start, limit), stop, limit)
+            )
+        for index, (piece, end) in enumerate(pieces):
+            progress = min(end - start, size)
+            item = (
+                Rejected(index, "too_long", progress)
+                if piece is None
+                else _text_piece(index, piece, spec, progress)
+            )
+            if item is not None:
+                yield item
 
 
 def _read_rows(rows: Iterator[dict[str, Any]], total: int, source: Source, spec: CorpusSpec):
@@ -386,7 +550,75 @@ def _read_parquet(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejecte
         yield from _read_rows(rows(), pf.metadata.num_rows, source, spec)
 
 
-def _hf_files(source: Source) -> list[tuple[str, int]]:
+class RowGroup(NamedTuple):
+    """One row group of a Parquet file, from its footer."""
+
+    rows: int
+    start: int  # offset of its first column chunk (dictionary page, else first data page)
+    stop: int  # offset past the end of its last column chunk
+
+
+def _row_groups(metadata: Any) -> list[RowGroup]:
+    groups = []
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        spans = []
+        for c in range(group.num_columns):
+            column = group.column(c)
+            first = column.data_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset:
+                first = min(first, column.dictionary_page_offset)
+            spans.append((first, first + column.total_compressed_size))
+        start = min((a for a, _ in spans), default=0)
+        groups.append(RowGroup(group.num_rows, start, max((b for _, b in spans), default=start)))
+    return groups
+
+
+def parquet_row_groups(source: Source) -> list[RowGroup]:
+    """The row groups of a Parquet source, from its footer alone (no data page is read)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(source.url, "rb") as f:
+        return _row_groups(pq.ParquetFile(f).metadata)
+
+
+def row_group_span(groups: list[RowGroup], start: int, stop: int) -> tuple[int, int]:
+    """Bytes ``[first, end)`` of the file that row groups ``[start, stop)`` take: from the
+    first column chunk of the first to the end of the last one's last."""
+    chosen = groups[start:stop]
+    return min(g.start for g in chosen), max(g.stop for g in chosen)
+
+
+def _read_parquet_part(
+    source: Source, spec: CorpusSpec, start: int, stop: int
+) -> Iterator[Record | Rejected]:
+    """Rows of row groups ``[start, stop)``, numbered as in the whole file (the footer's
+    row counts give the rows before ``start``)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(source.url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups = _row_groups(pf.metadata)
+        if stop > len(groups):
+            raise SourceError(
+                f"corpus source {source.url} has {len(groups)} row group(s), but a work unit planned "
+                f"when the job started reads row groups [{start}, {stop}): the file was replaced since; "
+                "restore it and re-run the job (committed shards are kept), or use a new output.url"
+            )
+        columns = _parquet_columns(pf.schema_arrow.names, spec)
+        first_byte, end_byte = row_group_span(groups, start, stop)
+        size = end_byte - first_byte
+        first = sum(g.rows for g in groups[:start])
+        total = max(sum(g.rows for g in groups[start:stop]), 1)
+        index = 0
+        batches = pf.iter_batches(batch_size=1024, row_groups=range(start, stop), columns=columns or None)
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield _from_mapping(first + index, row, spec, size * (index + 1) // total)
+                index += 1
+
+
+def hf_files(source: Source) -> list[tuple[str, int]]:
     """(URL, bytes) of each Arrow file of a saved ``datasets`` directory, in the order its
     ``state.json`` lists them.
 
@@ -436,39 +668,78 @@ def _hf_batches(url: str, columns: list[str] | None) -> Iterator[tuple[Any, int]
             yield batch, f.tell()
 
 
-def _read_hf(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    files = _hf_files(source)
+def _hf_records(files: list[tuple[str, int]], total: int, spec: CorpusSpec) -> Iterator[Record | Rejected]:
     columns = [c for c in (spec.text_field, spec.messages_field) if c]
     index = done = 0
     for url, size in files:
         for batch, read in _hf_batches(url, columns):
-            progress = min(done + read, source.size)
+            progress = min(done + read, total)
             for row in batch.to_pylist():
                 yield _from_mapping(index, row, spec, progress)
                 index += 1
         done += size
 
 
+def _read_hf(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
+    yield from _hf_records(hf_files(source), source.size, spec)
+
+
+def _read_hf_part(source: Source, spec: CorpusSpec, start: int, stop: int) -> Iterator[Record | Rejected]:
+    """Rows of Arrow files ``[start, stop)`` (in ``state.json`` order), numbered from 0."""
+    files = hf_files(source)
+    if stop > len(files):
+        raise SourceError(
+            f"corpus source {source.url} lists {len(files)} Arrow file(s), but a work unit planned when "
+            f"the job started reads files [{start}, {stop}): the dataset was saved again since; restore "
+            "it and re-run the job (committed shards are kept), or use a new output.url"
+        )
+    chosen = files[start:stop]
+    yield from _hf_records(chosen, sum(size for _, size in chosen), spec)
+
+
 _READERS = {"jsonl": _read_jsonl, "text": _read_text, "parquet": _read_parquet, "hf": _read_hf}
+_PART_READERS = {
+    "jsonl": _read_jsonl_part,
+    "text": _read_text_part,
+    "parquet": _read_parquet_part,
+    "hf": _read_hf_part,
+}
 
 
-def read_source(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    """Records of one source, in order; bad records come out as Rejected.
+def read_source(
+    source: Source, spec: CorpusSpec, part: tuple[int, int] | None = None
+) -> Iterator[Record | Rejected]:
+    """Records of one source (or of one part of it), in order; bad records come out as Rejected.
+
+    Args:
+        source: the source.
+        spec: the corpus spec (fields, limits, ``text_split``).
+        part: None for the whole source; else ``(start, stop)``: bytes of an uncompressed
+            jsonl or text file (the records that begin in them, see the module docstring;
+            not for ``text_split: file``), row groups of a Parquet file, Arrow files of a
+            saved dataset (``state.json`` order). Record indices count from 0 within a part,
+            except Parquet's, which are the rows' numbers in the whole file.
 
     Raises:
         SourceError: the source broke while being read (names the file and the last
             record read); records read before it were already yielded.
     """
     last = -1
+    where = "" if part is None else f" (work unit range [{part[0]}, {part[1]}))"
     try:
-        for item in _READERS[source.format](source, spec):
+        items = (
+            _READERS[source.format](source, spec)
+            if part is None
+            else _PART_READERS[source.format](source, spec, *part)
+        )
+        for item in items:
             last = item.index
             yield item
     except CorpusError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the backend raises, the file is named
         raise SourceError(
-            f"corpus source {source.url} broke while being read, "
+            f"corpus source {source.url}{where} broke while being read, "
             f"{f'after record {last}' if last >= 0 else 'before its first record'}: "
             f"{type(exc).__name__}: {exc}. Its header was readable when the job was planned, so it "
             "was truncated or changed since, or is damaged past its header; restore or repair it and "
@@ -502,7 +773,7 @@ def _check_parquet(source: Source, spec: CorpusSpec) -> None:
 def _check_hf(source: Source, spec: CorpusSpec) -> None:
     import pyarrow as pa
 
-    files = _hf_files(source)
+    files = hf_files(source)
     for url, _ in files:
         with fsspec.open(url, "rb") as f:
             names = pa.ipc.open_stream(f).schema.names

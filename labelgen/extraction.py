@@ -7,8 +7,8 @@ prompt-logprobs step (``GPUModelRunner._get_prompt_logprobs_dict``, which the CP
 runner reuses) with :func:`_extract_prompt_labels`: for every request that asked for
 prompt logprobs it takes the final hidden states of the request's tokens *in this
 step* (the rows ``query_start_loc[req] : +num_scheduled``, so it holds under
-continuous batching and chunked prefill), computes the logits once, and writes into
-per-request numpy buffers at the request's absolute positions:
+continuous batching and chunked prefill), computes their logits in row chunks, and
+writes into per-request numpy buffers at the request's absolute positions:
 
 - top-k ids and log-probs and the real next token's log-prob (one log-sum-exp);
 - optionally N draws from the teacher distribution at a temperature, as unique ids
@@ -18,11 +18,28 @@ per-request numpy buffers at the request's absolute positions:
   hooks on the decoder layers (needs ``enforce_eager=True``: compiled graphs skip
   hooks).
 
+**Bounded memory.** vLLM's memory profiling does not count this step, so a chunk's
+(rows, V) temporaries (logits, their float32 copy, the log-sum-exp's and the draws'
+buffers) must stay within ``labels.logits_budget_mib``: :func:`logits_chunk_rows` turns
+the budget into rows per chunk, and a step's rows are split into near-equal chunks of
+at most that many. Every label of a row is computed from that row alone, so chunking
+does not change the labels (on CPU they are bitwise identical, tests/test_extraction.py).
+
+**Tensor and pipeline parallelism.** Only the last pipeline stage has final hidden
+states, so only its workers compute logits; under tensor parallelism every worker of
+that stage calls ``compute_logits`` for the same chunks (it gathers the vocabulary
+shards, a collective), and only tensor rank 0, which always holds the full logits,
+records labels and installs the hidden-state hooks (the residual stream is replicated
+across tensor ranks). Every worker does the runner's bookkeeping. ``labelgen_install``
+says which worker records; the driver fetches from that one.
+
 Nothing is returned to vLLM's front end for these requests, so it builds no
 per-position objects; ``labelgen_fetch`` hands the finished buffers to the driver.
 
 Supported: vLLM 0.27 – 0.32 (V1 engine, ``GPUModelRunner`` and ``CPUModelRunner``)
-with decoder stacks at ``model.model.layers``. Imports torch and numpy only; it runs
+with decoder stacks at ``model.model.layers``. vLLM 0.32's V2 model runner (its CUDA
+default) has no ``_get_prompt_logprobs_dict``: :class:`labelgen.teacher_vllm.VllmTeacher`
+sets ``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user chose otherwise. Imports torch and numpy only; it runs
 inside vLLM's worker process.
 """
 
@@ -37,7 +54,15 @@ import numpy as np
 
 from labelgen.contract.format import token_hash
 
-__all__ = ["ExtractionOptions", "LabelExtractor", "hidden_positions", "draw_uniforms", "sample_draws"]
+__all__ = [
+    "ExtractionOptions",
+    "LabelExtractor",
+    "hidden_positions",
+    "draw_uniforms",
+    "sample_draws",
+    "logits_row_bytes",
+    "logits_chunk_rows",
+]
 
 SUPPORTED_VLLM = ("0.27", "0.28", "0.29", "0.30", "0.31", "0.32")
 _MASK64 = (1 << 64) - 1
@@ -53,6 +78,7 @@ class ExtractionOptions:
     hidden_every: int = 16  # one hidden-state sample every this many positions
     hidden_dtype: str = "float16"
     logits_only: bool = False  # benchmark bound: compute the logits, store nothing
+    logits_budget_mib: float = 1024.0  # working memory of one chunk of logits (labels.logits_budget_mib)
 
 
 def hidden_positions(num_tokens: int, prompt_hash: int, seed: int, every: int) -> np.ndarray:
@@ -150,6 +176,94 @@ def sample_draws(logits, uniforms, temperature: float = 1.0, block: int = 0):
     return samples, (top.double() + total.log()).float()
 
 
+_BLOCK_BYTES = 32  # sample_draws' block pass, per (draw, id in the chosen block); see logits_row_bytes
+_DRAW_BYTES = 96  # per draw and row: uniforms and their hashing, samples and their sort
+
+
+def logits_row_bytes(
+    vocab: int, draws: int = 0, temperature: float = 1.0, logits_itemsize: int = 4, tp_size: int = 1
+) -> int:
+    """Peak bytes one row of logits costs in :func:`_label_rows` (all its temporaries).
+
+    The float32 logits live through the whole chunk; the other (rows, V) buffers come
+    and go in phases, so a row costs ``V`` times the largest phase, in bytes per id
+    (``s`` = ``logits_itemsize``, the dtype ``compute_logits`` returns):
+
+    - ``compute_logits``: ``s`` (under tensor parallelism, ``s * (2 + 1 / tp)``: the
+      local vocabulary shard, the all-gather's buffer and its transposed copy);
+    - the float32 copy: ``s + 4`` while converting (nothing when ``s`` is 4:
+      ``.float()`` is then a no-op);
+    - draws: ``4`` for the float32 logits, ``4`` for ``logits / T`` when ``T != 1``, and
+      ``4`` for ``exp(x - max)`` plus ``_BLOCK_BYTES * draws * block / V`` for the
+      per-draw block gather (ids int64, mask, values float32, two float64 cumulative
+      sums); vocabularies up to 4096 use one float64 cumulative sum instead: ``16``;
+    - log-sum-exp (no draws, or ``T != 1``): ``4 + 4`` (``torch.logsumexp`` holds one
+      temporary, ``x - max``, exponentiated in place);
+
+    plus ``_DRAW_BYTES`` per draw. Top-k and the target gather add only (rows, k) and
+    (rows, 1) tensors. Measured against RSS by ``bench/logits_memory.py``.
+
+    Args:
+        vocab: V, the model's vocabulary (``model_config.get_vocab_size()``).
+        draws: random-sampling draws per position (0 = off).
+        temperature: the draws' temperature.
+        logits_itemsize: bytes per element of the logits (2 for bf16/fp16, 4 for fp32).
+        tp_size: tensor-parallel size (the all-gather's buffers).
+    """
+    s = logits_itemsize
+    phases = [s * (1.0 if tp_size == 1 else 2.0 + 1.0 / tp_size), 4.0 + (s if s != 4 else 0)]
+    if draws:
+        scaled = 4.0 if temperature != 1.0 else 0.0
+        if vocab <= _SMALL_VOCAB:
+            phases.append(4.0 + scaled + 16.0)
+        else:
+            phases.append(4.0 + scaled + 4.0 + _BLOCK_BYTES * draws * _draw_block(vocab, draws) / vocab)
+    if not draws or temperature != 1.0:
+        phases.append(4.0 + 4.0)
+    return int(vocab * max(phases)) + _DRAW_BYTES * draws
+
+
+def logits_chunk_rows(
+    vocab: int,
+    budget_bytes: float,
+    draws: int = 0,
+    temperature: float = 1.0,
+    logits_itemsize: int = 4,
+    tp_size: int = 1,
+) -> int:
+    """Rows of logits per chunk so that one chunk's temporaries fit in ``budget_bytes``.
+
+    ``budget_bytes // logits_row_bytes(...)``, at least 1 (a budget below one row's cost
+    is exceeded by that one row). At V = 152,064 and the default 1 GiB: 882 rows without
+    draws (8 B per id, float32 or bf16 logits), 723 with 64 draws at T = 1, 513 at T = 0.7.
+    """
+    row = logits_row_bytes(vocab, draws, temperature, logits_itemsize, tp_size)
+    return max(1, int(budget_bytes // row))
+
+
+def _row_chunks(num_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """Near-equal (start, stop) chunks of at most ``max_rows`` rows covering ``num_rows``.
+
+    Equal sizes leave no one-row tail chunk unless ``max_rows`` < 3, and no tiny last
+    matmul."""
+    count = -(-num_rows // max_rows)
+    bounds = [num_rows * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _logsumexp(x):
+    """Row-wise log-sum-exp, (n, V) -> (n, 1), bitwise independent of n on CPU.
+
+    ATen reduces a lone output element in two passes split across threads, so a one-row
+    input would round differently from the same row among others (1 ulp at V = 152k);
+    a stride-0 second row keeps the row-per-thread order."""
+    import torch
+
+    if x.shape[0] == 1:
+        return torch.logsumexp(x.expand(2, -1), dim=-1, keepdim=True)[:1]
+    return torch.logsumexp(x, dim=-1, keepdim=True)
+
+
 @dataclass
 class _Request:
     ids: np.ndarray  # (T,) int32
@@ -194,6 +308,9 @@ class _State:
         self.active = True
         self.original: Any = None  # the runner's own prompt-logprobs method
         self.hooks: list[Any] = []  # forward-hook handles on decoder layers
+        self.chunk_rows = 1 << 62  # rows of logits per chunk (labelgen_install sets it)
+        self.extracts = True  # this worker computes logits: the last pipeline stage
+        self.records = True  # this worker keeps labels: tensor rank 0 of that stage
 
 
 def _unique_counts(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,8 +330,56 @@ def _unique_counts(samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return new.sum(dim=1).numpy().astype(np.int32), ids, counts
 
 
+def _label_rows(rec: _Request, logits, first: int, opt: ExtractionOptions):
+    """Labels of ``logits`` (n, V), rows for positions ``first .. first + n - 1``, into ``rec``.
+
+    Returns the rows' draws as (num (n,), ids (U,), counts (U,)) int32, or None."""
+    import torch
+
+    n = logits.shape[0]
+    logits = logits.float()  # (n, V); a no-op on float32 logits
+    samples = None
+    if opt.draws:  # the sampler's passes also give log Z at T = 1
+        u = draw_uniforms(opt.seed, rec.prompt_hash, torch.arange(first, first + n), opt.draws)
+        samples, log_z = sample_draws(logits, u, opt.draw_temperature)
+    if samples is None or opt.draw_temperature != 1.0:
+        log_z = _logsumexp(logits)  # (n, 1)
+    values, top = logits.topk(opt.k, dim=-1)  # (n, k)
+    targets = torch.as_tensor(rec.ids[first + 1 : first + 1 + n], dtype=torch.int64)
+    target_lp = logits.gather(-1, targets[:, None].to(logits.device))[:, 0] - log_z[:, 0]
+    sl = slice(first, first + n)
+    rec.topk_ids[sl] = top.to(torch.int32).cpu().numpy()
+    rec.topk_logprobs[sl] = (values - log_z).cpu().numpy()
+    rec.target_logprobs[sl] = target_lp.cpu().numpy()
+    return None if samples is None else _unique_counts(samples.cpu())
+
+
+def _new_request(prompt: list[int], opt: ExtractionOptions) -> _Request:
+    total = len(prompt)
+    ids = np.asarray(prompt, dtype=np.int32)
+    rec = _Request(
+        ids=ids,
+        topk_ids=np.zeros((total - 1, opt.k), np.int32),
+        topk_logprobs=np.zeros((total - 1, opt.k), np.float32),
+        target_logprobs=np.zeros(total - 1, np.float32),
+        prompt_hash=token_hash(ids),
+        with_draws=opt.draws > 0,
+    )
+    if opt.layers:
+        rec.hidden_pos = hidden_positions(total, rec.prompt_hash, opt.seed, opt.hidden_every)
+    return rec
+
+
 def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
-    """Replacement for ``GPUModelRunner._get_prompt_logprobs_dict`` (see module doc)."""
+    """Replacement for ``GPUModelRunner._get_prompt_logprobs_dict`` (see module doc).
+
+    Args:
+        runner: the model runner (``runner._labelgen_state`` set by ``labelgen_install``).
+        hidden_states: (num_step_tokens, D) final hidden states of this step's tokens.
+        num_scheduled_tokens: request id -> tokens scheduled for it in this step.
+
+    Returns ``{}``: nothing goes back to vLLM's front end for these requests.
+    """
     import torch
 
     state: _State = runner._labelgen_state
@@ -230,80 +395,112 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
         if prompt is None:
             continue
         total = len(prompt)
-        rec = state.partial.get(req_id)
-        if rec is None:
-            ids = np.asarray(prompt, dtype=np.int32)
-            rec = _Request(
-                ids=ids,
-                topk_ids=np.zeros((total - 1, opt.k), np.int32),
-                topk_logprobs=np.zeros((total - 1, opt.k), np.float32),
-                target_logprobs=np.zeros(total - 1, np.float32),
-                prompt_hash=token_hash(ids),
-                with_draws=opt.draws > 0,
-            )
-            if opt.layers:
-                rec.hidden_pos = hidden_positions(total, rec.prompt_hash, opt.seed, opt.hidden_every)
-            state.partial[req_id] = rec
         start = request.num_computed_tokens
-        for chunks in (rec.draws, rec.hidden):
-            for stale in [key for key in chunks if key >= start]:
-                del chunks[stale]
-        req_idx = runner.input_batch.req_id_to_index[req_id]
-        offset = int(runner.query_start_loc.np[req_idx])
         num_logits = min(num_tokens, total - 1 - start)
-        if num_logits > 0 and opt.logits_only:
-            runner.model.compute_logits(hidden_states[offset : offset + num_logits])
-        elif num_logits > 0:
-            logits = runner.model.compute_logits(hidden_states[offset : offset + num_logits])
-            logits = logits.float()
-            samples = None
-            if opt.draws:  # the sampler's passes also give log Z at T = 1
-                positions = torch.arange(start, start + num_logits)
-                u = draw_uniforms(opt.seed, rec.prompt_hash, positions, opt.draws)
-                samples, log_z = sample_draws(logits, u, opt.draw_temperature)
-            if samples is None or opt.draw_temperature != 1.0:
-                log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-            values, top = logits.topk(opt.k, dim=-1)
-            targets = torch.as_tensor(rec.ids[start + 1 : start + 1 + num_logits], dtype=torch.int64)
-            target_lp = logits.gather(-1, targets[:, None].to(logits.device))[:, 0] - log_z[:, 0]
-            sl = slice(start, start + num_logits)
-            rec.topk_ids[sl] = top.to(torch.int32).cpu().numpy()
-            rec.topk_logprobs[sl] = (values - log_z).cpu().numpy()
-            rec.target_logprobs[sl] = target_lp.cpu().numpy()
-            if samples is not None:
-                samples = samples.cpu()
-                rec.draws[start] = _unique_counts(samples)
-        if opt.layers and rec.hidden_pos is not None:
+        rec = None
+        if state.records:
+            rec = state.partial.get(req_id)
+            if rec is None:
+                rec = state.partial[req_id] = _new_request(prompt, opt)
+            for chunks in (rec.draws, rec.hidden):
+                for stale in [key for key in chunks if key >= start]:
+                    del chunks[stale]
+        offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
+        if state.extracts and num_logits > 0:
+            rows = hidden_states[offset : offset + num_logits]  # (num_logits, D)
+            drawn = []
+            for lo, hi in _row_chunks(num_logits, state.chunk_rows):
+                # Every tensor rank calls compute_logits (it gathers the vocabulary shards);
+                # the full logits are certain only on tensor rank 0, the recording one.
+                logits = runner.model.compute_logits(rows[lo:hi])  # (hi - lo, V) or None
+                if rec is not None and not opt.logits_only:
+                    drawn.append(_label_rows(rec, logits, start + lo, opt))
+                del logits
+            if rec is not None and opt.draws and not opt.logits_only:
+                rec.draws[start] = tuple(np.concatenate(parts) for parts in zip(*drawn, strict=True))
+        if rec is not None and opt.layers and rec.hidden_pos is not None:
             chunk_end = start + num_tokens
             wanted = rec.hidden_pos[(rec.hidden_pos >= start) & (rec.hidden_pos < chunk_end)]
             if len(wanted):
-                rows = torch.as_tensor(wanted - start + offset)
+                picked = torch.as_tensor(wanted - start + offset)
                 rec.hidden[start] = {}
                 for layer in opt.layers:
                     source = state.step_layers.get(layer)
                     if layer == runner._labelgen_num_layers:
                         source = hidden_states  # HF's last entry is after the final norm
-                    values = source[rows.to(source.device)].to(getattr(torch, opt.hidden_dtype)).cpu()
+                    values = source[picked.to(source.device)].to(getattr(torch, opt.hidden_dtype)).cpu()
                     rec.hidden[start][layer] = values.float().numpy()
         if start + num_tokens >= total:
-            state.done[req_id] = rec.result()
-            del state.partial[req_id]
+            if rec is not None:
+                state.done[req_id] = rec.result()
+                del state.partial[req_id]
             del runner.num_prompt_logprobs[req_id]
             request.in_progress_prompt_logprobs_cpu = None
     state.step_layers.clear()
     return {}
 
 
+def parallel_role(runner, model) -> tuple[bool, bool]:
+    """(extracts, records) of this worker: whether it computes logits and keeps labels.
+
+    The last pipeline stage (the one whose decoder stack ends at the last layer) computes
+    logits; its tensor rank 0 (``lm_head.tp_rank``, which receives the gathered logits
+    under both vLLM's gather and all-gather) records. Read from the model and the runner's
+    parallel config, so that this module needs no vLLM import."""
+    parallel = getattr(runner, "parallel_config", None)
+    tp_size = int(getattr(parallel, "tensor_parallel_size", 1))
+    pp_size = int(getattr(parallel, "pipeline_parallel_size", 1))
+    extracts = True
+    if pp_size > 1:
+        inner = getattr(model, "model", None)
+        end = getattr(inner, "end_layer", None)
+        if end is None:
+            raise TypeError(
+                f"{type(model).__name__} has no model.end_layer, so with pipeline_parallel_size {pp_size} "
+                "the extractor cannot tell its last stage; use tensor_parallel_size instead"
+            )
+        extracts = int(end) == len(_decoder_layers(model))
+    records = extracts
+    if extracts and tp_size > 1:
+        tp_rank = getattr(getattr(model, "lm_head", None), "tp_rank", None)
+        if tp_rank is None:
+            raise TypeError(
+                f"{type(model).__name__} has no lm_head.tp_rank, so with tensor_parallel_size {tp_size} "
+                "the extractor cannot tell which worker holds the full logits"
+            )
+        records = int(tp_rank) == 0
+    return extracts, records
+
+
 class LabelExtractor:
     """vLLM worker extension: ``labelgen_install`` once, then ``labelgen_fetch`` per batch."""
 
     def labelgen_install(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Install (or re-configure) the extractor; returns the model's layer count and vocab."""
+        """Install (or re-configure) the extractor.
+
+        Returns the model's layer count and vocabulary, whether this worker records labels,
+        and its rows of logits per chunk."""
         opt = ExtractionOptions(**{**options, "layers": tuple(options.get("layers", ()))})
+        if not opt.logits_budget_mib > 0:
+            raise ValueError(f"labels.logits_budget_mib must be > 0, got {opt.logits_budget_mib}")
         runner = self.model_runner  # type: ignore[attr-defined]
         model = runner.get_model()
         previous: _State | None = getattr(runner, "_labelgen_state", None)
         state = _State(opt)
+        layers = _decoder_layers(model)
+        state.extracts, state.records = parallel_role(runner, model)
+        if state.extracts:
+            _check_stage_layers(opt.layers, getattr(model.model, "start_layer", 0), len(layers))
+        vocab = int(runner.model_config.get_vocab_size())
+        parallel = getattr(runner, "parallel_config", None)
+        state.chunk_rows = logits_chunk_rows(
+            vocab,
+            opt.logits_budget_mib * (1 << 20),
+            opt.draws,
+            opt.draw_temperature,
+            _logits_dtype(runner.model_config).itemsize,
+            int(getattr(parallel, "tensor_parallel_size", 1)),
+        )
         if previous is not None:
             for handle in previous.hooks:
                 handle.remove()
@@ -311,29 +508,65 @@ class LabelExtractor:
         else:
             state.original = runner._get_prompt_logprobs_dict
         runner._labelgen_state = state
-        layers = _decoder_layers(model)
         runner._labelgen_num_layers = len(layers)
-        for layer_id in opt.layers:
-            if not 0 <= layer_id <= len(layers):
-                raise ValueError(f"hidden-state layer {layer_id} is out of range 0..{len(layers)}")
+        for layer_id in opt.layers if state.records else ():
             if layer_id == 0:
                 state.hooks.append(layers[0].register_forward_pre_hook(_capture_input(state)))
             elif layer_id < len(layers):
                 hook = _capture_output(state, layer_id)
                 state.hooks.append(layers[layer_id - 1].register_forward_hook(hook))
         runner._get_prompt_logprobs_dict = types.MethodType(_extract_prompt_labels, runner)
-        return {"layers": len(layers), "vocab": int(runner.model_config.get_vocab_size())}
+        return {
+            "layers": len(layers),
+            "vocab": vocab,
+            "records": state.records,
+            "chunk_rows": state.chunk_rows,
+        }
 
     def labelgen_set_active(self, active: bool) -> bool:
-        """Route prompt-logprob requests to the extractor (True) or to vLLM's own path."""
-        self.model_runner._labelgen_state.active = active  # type: ignore[attr-defined]
+        """Route prompt-logprob requests to the extractor (True) or to vLLM's own path.
+
+        Returns whether the extractor is now active (False where it was never installed)."""
+        state: _State | None = getattr(self.model_runner, "_labelgen_state", None)  # type: ignore[attr-defined]
+        if state is None:
+            return False
+        state.active = active
         return active
 
     def labelgen_fetch(self) -> bytes:
-        """Finished requests as one pickle (the RPC layer would turn arrays into lists)."""
+        """Finished requests as one pickle (the RPC layer would turn arrays into lists).
+
+        An empty list on workers that do not record (``labelgen_install``'s ``records``)."""
         state: _State = self.model_runner._labelgen_state  # type: ignore[attr-defined]
         done, state.done = state.done, {}
         return pickle.dumps(list(done.values()), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _logits_dtype(model_config):
+    """The dtype ``compute_logits`` returns: the lm_head's (``head_dtype``, vLLM >= 0.31) or the model's."""
+    try:
+        return model_config.head_dtype
+    except AttributeError:
+        return model_config.dtype
+
+
+def _check_stage_layers(layers: tuple[int, ...], start_layer: int, num_layers: int) -> None:
+    """Hidden-state layers must be computed on this (the last) pipeline stage.
+
+    HF layer ``i >= 1`` is the output of decoder layer ``i - 1``; layer 0 (the embeddings)
+    exists only on the first stage. The stage holds decoder layers ``start_layer ..``."""
+    lowest = start_layer + 1 if start_layer else 0
+    for layer_id in layers:
+        if not 0 <= layer_id <= num_layers:
+            raise ValueError(f"hidden-state layer {layer_id} is out of range 0..{num_layers}")
+        if layer_id < lowest:
+            raise ValueError(
+                f"hidden-state layer {layer_id} is computed on an earlier pipeline stage: the last "
+                f"stage, which extracts labels, holds decoder layers {start_layer}..{num_layers - 1}, "
+                f"i.e. hidden.layers {lowest}..{num_layers}; choose layers in that range, or split the "
+                "teacher by "
+                "tensor_parallel_size instead of pipeline_parallel_size"
+            )
 
 
 def _decoder_layers(model) -> list:

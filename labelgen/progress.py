@@ -1,8 +1,10 @@
 """Progress of a labeling job: per-unit counters, the job-wide snapshot, the local progress bar.
 
 Executors report through these: a unit's counters (:class:`UnitProgress`, readable
-from another thread, so the Ray driver can poll its replicas), the job-wide view
-(:class:`JobProgress`: units done/total, tokens/s, ETA, rejected records, retries),
+from another thread, so the Ray driver can poll its replicas; bytes count within the
+unit, a whole source or a part of one), the job-wide view (:class:`JobProgress`: units
+done/total, tokens/s, the engine busy fraction, ETA from the units' input bytes,
+rejected records, retries),
 which is rewritten to ``<output>/_progress.json`` for ``labelgen status``, and the
 tqdm bar of the local executor (:class:`ProgressBar`).
 """
@@ -20,7 +22,8 @@ from tqdm import tqdm
 
 from labelgen.contract.format import UnitRecord, join_url
 from labelgen.contract.storage import write_json_atomic
-from labelgen.corpus import Source
+from labelgen.pipeline import EngineClock
+from labelgen.units import WorkUnit
 
 __all__ = ["PROGRESS_NAME", "UnitProgress", "JobProgress", "ProgressBar", "format_progress"]
 
@@ -34,24 +37,30 @@ class UnitProgress:
     def __init__(self) -> None:
         self.unit = -1
         self.source_bytes = self.sequences = self.tokens = self.rejected = 0
+        self.clock = EngineClock()
+        """The unit's engine clock: the labeling loop (:mod:`labelgen.pipeline`) runs it."""
 
     def start_unit(self, unit: int = -1) -> None:
         self.unit = unit
         self.source_bytes = self.sequences = self.tokens = self.rejected = 0
+        self.clock = EngineClock()
 
     def update(self, source_bytes: int, sequences: int = 0, tokens: int = 0, rejected: int = 0) -> None:
+        """``source_bytes``: input bytes of the unit consumed so far (not a delta)."""
         self.source_bytes = source_bytes
         self.sequences += sequences
         self.tokens += tokens
         self.rejected = max(self.rejected, rejected)
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "unit": self.unit,
             "source_bytes": self.source_bytes,
             "sequences": self.sequences,
             "tokens": self.tokens,
             "rejected": self.rejected,
+            "engine_s": self.clock.busy_s,
+            "wall_s": self.clock.wall_s,
         }
 
 
@@ -60,11 +69,12 @@ class JobProgress:
     """Job-wide progress: units done/total, tokens/s, ETA, rejected records, retries.
 
     ``tokens`` and the rate count what this run labeled (resumed work shows in
-    units_done only). The ETA extrapolates source bytes consumed per second over the
-    source bytes left.
+    units_done only). The ETA extrapolates input bytes consumed per second over the
+    input bytes of the units left (:attr:`labelgen.units.WorkUnit.size`).
     """
 
-    sources: list[Source]
+    units: list[WorkUnit]
+    """Every unit of the job, in index order."""
     finished: dict[int, UnitRecord]
     replicas: int = 1
     executor: str = "local"
@@ -73,9 +83,20 @@ class JobProgress:
     live: dict[int, dict[str, int]] = field(default_factory=dict)
     tokens_done: int = 0  # tokens labeled by this run in the units it finished
     bytes_done: int = 0
+    engine_done: float = 0.0  # engine / loop seconds of the units this run finished
+    wall_done: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def update_unit(self, snapshot: dict[str, int]) -> None:
+    def busy_fraction(self) -> float | None:
+        """Engine busy fraction of this run so far: engine seconds over labeling-loop seconds,
+        summed over finished and running units (per replica, so R replicas count R clocks)."""
+        with self._lock:
+            live = list(self.live.values())
+            engine = self.engine_done + sum(u.get("engine_s", 0.0) for u in live)
+            wall = self.wall_done + sum(u.get("wall_s", 0.0) for u in live)
+        return round(engine / wall, 3) if wall > 0 else None
+
+    def update_unit(self, snapshot: dict[str, Any]) -> None:
         with self._lock:
             self.live[snapshot["unit"]] = dict(snapshot)
 
@@ -85,7 +106,9 @@ class JobProgress:
             live = self.live.pop(record.unit, None)
             self.finished[record.unit] = record
             self.tokens_done += tokens if tokens is not None else live["tokens"] if live else 0
-            self.bytes_done += self.sources[record.unit].size
+            self.bytes_done += self.units[record.unit].size
+            self.engine_done += record.engine_s
+            self.wall_done += record.wall_s
 
     def drop_unit(self, unit: int) -> None:
         """The unit's attempt died: its committed shards stay, the rest is redone."""
@@ -99,17 +122,17 @@ class JobProgress:
             live = list(self.live.values())
             tokens = self.tokens_done + sum(u["tokens"] for u in live)
             consumed = self.bytes_done + sum(u["source_bytes"] for u in live)
-            left = sum(s.size for i, s in enumerate(self.sources) if i not in self.finished)
+            left = sum(u.size for u in self.units if u.index not in self.finished)
             left -= sum(u["source_bytes"] for u in live)
             rejected = sum(sum(r.rejected.values()) for r in self.finished.values())
             rejected += sum(u["rejected"] for u in live)
             rate = consumed / elapsed
-            return {
+            snap = {
                 "state": state,
                 "executor": self.executor,
                 "replicas": self.replicas,
                 "units_done": len(self.finished),
-                "units_total": len(self.sources),
+                "units_total": len(self.units),
                 "units_running": sorted(self.live),
                 "tokens": tokens,
                 "tokens_per_s": round(tokens / elapsed, 1),
@@ -119,6 +142,8 @@ class JobProgress:
                 "retries": self.retries,
                 "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
+        snap["engine_busy_fraction"] = self.busy_fraction()
+        return snap
 
     def write(self, fs: Any, root: str, state: str = "running") -> dict[str, Any]:
         """Rewrite ``<root>/_progress.json``; returns the snapshot written."""
@@ -128,18 +153,24 @@ class JobProgress:
 
 
 def format_progress(snap: dict[str, Any]) -> str:
-    """One log line: ``progress [running] | units 3/10 | tokens 1,234 | tok/s 567 | eta ...``."""
+    """One log line: ``progress [running] | units 3/10 | tokens 1,234 | tok/s 567 | engine busy
+    97% | eta ...``."""
     eta = snap.get("eta_s")
     eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-"
     return (
         f"progress [{snap['state']}] | units {snap['units_done']}/{snap['units_total']} | "
-        f"tokens {snap['tokens']:,} | tok/s {snap['tokens_per_s']:,.0f} | eta {eta_text} | "
+        f"tokens {snap['tokens']:,} | tok/s {snap['tokens_per_s']:,.0f} | "
+        f"engine busy {_fraction(snap.get('engine_busy_fraction'))} | eta {eta_text} | "
         f"rejected {snap['rejected']} | retries {snap['retries']} | replicas {snap['replicas']}"
     )
 
 
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 class ProgressBar(UnitProgress):
-    """The local executor's progress: a tqdm bar over the bytes of all pending sources."""
+    """The local executor's progress: a tqdm bar over the input bytes of all pending units."""
 
     def __init__(self, job: JobProgress, total_bytes: int, enabled: bool):
         super().__init__()
@@ -167,8 +198,9 @@ class ProgressBar(UnitProgress):
         self._sequences += sequences
         self.bar.update(self._base + source_bytes - self.bar.n)
         rate = self._tokens / max(time.monotonic() - self.job.start, 1e-9)
+        busy = _fraction(self.job.busy_fraction())
         self.bar.set_postfix_str(
-            f"seq={self._sequences} tok={self._tokens} tok/s={rate:,.0f} rejected={rejected}",
+            f"seq={self._sequences} tok={self._tokens} tok/s={rate:,.0f} busy={busy} rejected={rejected}",
             refresh=False,
         )
 

@@ -1,11 +1,16 @@
 """Labeling jobs: plan, run the work units, write the manifest last; the local executor.
 
 A job is planned (:func:`plan_job`: sources listed, output checked against the spec,
-commit records read), its pending work units are run by an executor, and it is
-finished (:func:`finish_job`: the manifest, written last). Work units are the job's
-sources, in sorted order. :func:`run_unit` labels one unit: it reads and packs its
-source, sends sequences to the teacher in batches of ``teacher.batch_sequences`` and
-writes shards. Committed shards and finished units leave records in the commit log
+work units planned and recorded, commit records read), its pending work units are run
+by an executor, and it is finished (:func:`finish_job`: the manifest, written last).
+Work units are the job's sources, whole or in parts of about ``corpus.unit_mib``
+(:mod:`labelgen.units`, the one home of the plan), in sorted order; the plan is written
+to the commit log when the job starts and a resume must find the same one.
+:func:`run_unit` labels one unit: it reads and packs its source or part, sends
+sequences to the teacher in batches of ``teacher.batch_sequences`` and writes shards,
+the three overlapped (:mod:`labelgen.pipeline`: the next batch is prepared and the last
+one written while the engine computes; the unit record keeps the engine's busy time).
+Committed shards and finished units leave records in the commit log
 (:mod:`labelgen.contract.commits`); a re-run of the same spec skips finished units, and inside an
 unfinished unit skips the sequences its committed shards already hold, so a killed
 job re-run ends with exactly the rows of an uninterrupted run.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,16 +33,19 @@ from typing import Any
 import fsspec
 import yaml
 
-from labelgen.contract.commits import SOURCES_RECORD, CommitLog, JobRecord
+from labelgen.contract.commits import PLAN_RECORD, SOURCES_RECORD, CommitLog, JobRecord, PlanRecord
 from labelgen.contract.config_input import read_yaml
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, ShardRecord, UnitRecord, join_url
 from labelgen.contract.storage import write_text_atomic
-from labelgen.corpus import Source, check_sources, read_source, resolve_sources, source_sha256
+from labelgen.corpus import Source, check_sources, resolve_sources
+from labelgen.labels import SequenceLabels
 from labelgen.packing import PackedSequence, pack
+from labelgen.pipeline import DEFAULT_DEPTH, run_overlapped
 from labelgen.progress import JobProgress, ProgressBar, UnitProgress
 from labelgen.provenance import check_model_path, load_tokenizer, tokenizer_info, weights_fingerprint
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
+from labelgen.units import WorkUnit, legacy_plan, plan_record, plan_units, read_unit, unit_sha256
 from labelgen.writer import ShardWriter
 
 __all__ = [
@@ -124,6 +132,9 @@ class JobPlan:
     fs: Any
     root: str
     units: dict[int, UnitRecord]
+    """Finished units' records, by unit index."""
+    work: list[WorkUnit] = dataclasses.field(default_factory=list)
+    """Every work unit of the job, in index order (empty when the job is done)."""
     done: Manifest | None = None  # set when the manifest already exists
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     """Sources left out as unreadable (corpus.on_bad_source=skip): name -> reason."""
@@ -133,8 +144,49 @@ class JobPlan:
         return CommitLog(self.fs, self.root)
 
     @property
-    def pending(self) -> list[tuple[int, Source]]:
-        return [(i, s) for i, s in enumerate(self.sources) if i not in self.units]
+    def pending(self) -> list[WorkUnit]:
+        """The units not finished yet, in index order."""
+        return [u for u in self.work if u.index not in self.units]
+
+
+def _plan_difference(recorded: PlanRecord, planned: PlanRecord) -> str:
+    """The first difference between two plans, for the error message."""
+    if recorded.unit_mib != planned.unit_mib:
+        return f"corpus.unit_mib {recorded.unit_mib} then, {planned.unit_mib} now"
+    for then, now in zip(recorded.units, planned.units, strict=False):
+        if then != now:
+            return f"unit {then.unit} was {then}, now {now}"
+    return f"{len(recorded.units)} unit(s) then, {len(planned.units)} now"
+
+
+def _unit_plan(
+    spec: JobSpec,
+    commits: CommitLog,
+    sources: list[Source],
+    finished: dict[int, UnitRecord],
+    log: Callable[[str], None],
+) -> list[WorkUnit]:
+    """The job's work units: planned (:func:`labelgen.units.plan_units`) and recorded on the
+    first run; on a resume, planned again and checked against the record. An output with
+    commit records but no plan record was written before units could be parts: its units
+    are its sources (:func:`labelgen.units.legacy_plan`), so it resumes exactly."""
+    recorded = commits.plan()
+    if recorded is None and (finished or commits.count_shards()):
+        log(f"{spec.output.url} has no {PLAN_RECORD} (written by an earlier labelgen): one unit per source")
+        return legacy_plan(sources)
+    work = plan_units(sources, spec.corpus)
+    planned = plan_record(work, spec.corpus)
+    if recorded is None:
+        commits.write_plan(planned)
+    elif recorded != planned:
+        raise JobError(
+            f"the work units planned now differ from those this job started with "
+            f"({commits.path(PLAN_RECORD)}): {_plan_difference(recorded, planned)}. The sources' names "
+            "and sizes are unchanged, so a Parquet file's row groups or a saved dataset's Arrow files "
+            "changed, or this labelgen plans units differently from the release that started the job; "
+            "restore the corpus, or resume with that release, or use a new output.url"
+        )
+    return work
 
 
 def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> JobPlan:
@@ -152,9 +204,10 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
     fs, root = fsspec.core.url_to_fs(spec.output.url)
     done = _prepare_output(spec, fs, root, sources)
     if done is not None:
-        return JobPlan(spec, sources, tokenizer, fs, root, {}, done, skipped)
+        return JobPlan(spec, sources, tokenizer, fs, root, {}, done=done, skipped=skipped)
     commits = CommitLog(fs, root)
     units = commits.units()
+    work = _unit_plan(spec, commits, sources, units, log)
     # What the shards hold and the tokenizer, before any shard: a follower (a student
     # training while the job writes) reads them from the log, never from a shard.
     commits.write_job(
@@ -166,9 +219,12 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
         )
     )
     commits.write_tokenizer(tokenizer_info(tokenizer, spec.teacher.tokenizer or spec.teacher.model))
-    plan = JobPlan(spec, sources, tokenizer, fs, root, units, skipped=skipped)
+    plan = JobPlan(spec, sources, tokenizer, fs, root, units, work, skipped=skipped)
     left_out = f" ({len(skipped)} unreadable, skipped)" if skipped else ""
-    log(f"{len(sources)} source(s){left_out}, {len(units)} already labeled, {len(plan.pending)} to go")
+    log(
+        f"{len(sources)} source(s){left_out} in {len(work)} unit(s), {len(units)} already labeled, "
+        f"{len(plan.pending)} to go"
+    )
     return plan
 
 
@@ -180,7 +236,7 @@ def record_teacher(plan: JobPlan, provenance: dict[str, Any]) -> None:
 def finish_job(plan: JobPlan) -> Manifest:
     """Build the manifest from the commit records and write it, last."""
     shards, units = plan.commits.committed()
-    missing = [i for i in range(len(plan.sources)) if i not in units]
+    missing = [u.index for u in plan.work if u.index not in units]
     if missing:
         raise JobError(f"units {missing} of {plan.spec.output.url} are not finished; re-run the job")
     teacher_info = plan.commits.teacher()
@@ -194,21 +250,32 @@ def finish_job(plan: JobPlan) -> Manifest:
     return manifest
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One teacher call's sequences, with the reader's progress when it was formed."""
+
+    sequences: list[PackedSequence]
+    source_bytes: int
+    rejected: int
+
+
 def run_unit(
     spec: JobSpec,
-    unit: int,
-    source: Source,
+    unit: WorkUnit,
     tokenizer: Any,
     teacher: Teacher,
     committed: list[ShardRecord],
     progress: UnitProgress,
+    depth: int = DEFAULT_DEPTH,
 ) -> UnitRecord:
-    """Label one source; resumes after the sequences held by ``committed`` shards."""
+    """Label one work unit (a source or a part of one); resumes after the sequences held by
+    ``committed`` shards. Packing starts afresh in the unit, so its sequences and their
+    unit-local indices do not depend on any other unit."""
     committed = [r for i, r in enumerate(sorted(committed, key=lambda r: r.index)) if r.index == i]
     resume_at = committed[-1].next_sequence if committed else 0
     writer = ShardWriter(
         spec.output.url,
-        unit,
+        unit.index,
         spec.labels.k,
         first_shard=len(committed),
         first_sequence=resume_at,
@@ -222,45 +289,64 @@ def run_unit(
     )
     rejected: dict[str, int] = {}
     position = {"bytes": 0}
+    counts = {"sequences": 0, "tokens": 0}
 
     def records():
-        for item in read_source(source, spec.corpus):
+        for item in read_unit(unit, spec.corpus):
             position["bytes"] = item.progress
             yield item
 
-    batch: list[PackedSequence] = []
+    def batches() -> Iterator[_Batch]:
+        """Read, tokenize, pack and group (the prepare stage; skips committed sequences)."""
+        batch: list[PackedSequence] = []
+        for index, seq in enumerate(pack(unit.sample_prefix, records(), tokenizer, spec.packing, rejected)):
+            counts["sequences"] += 1
+            counts["tokens"] += len(seq.input_ids)
+            if index < resume_at:
+                continue  # already in a committed shard
+            batch.append(seq)
+            if len(batch) >= spec.teacher.batch_sequences:
+                yield _Batch(batch, position["bytes"], sum(rejected.values()))
+                batch = []
+        if batch:
+            yield _Batch(batch, position["bytes"], sum(rejected.values()))
 
-    def flush() -> None:
-        labels = teacher.label([s.input_ids for s in batch])
-        for seq, lab in zip(batch, labels, strict=True):
+    def store(batch: _Batch, labels: list[SequenceLabels]) -> None:
+        """Encode, write and commit (the store stage)."""
+        for seq, lab in zip(batch.sequences, labels, strict=True):
             writer.add(seq, lab)
         writer.end_batch()
-        tokens = sum(len(s.input_ids) for s in batch)
-        progress.update(position["bytes"], len(batch), tokens, sum(rejected.values()))
-        batch.clear()
+        tokens = sum(len(s.input_ids) for s in batch.sequences)
+        progress.update(batch.source_bytes, len(batch.sequences), tokens, batch.rejected)
 
-    progress.start_unit(unit)
-    count = tokens = 0
-    for index, seq in enumerate(pack(source.name, records(), tokenizer, spec.packing, rejected)):
-        count += 1
-        tokens += len(seq.input_ids)
-        if index < resume_at:
-            continue  # already in a committed shard
-        batch.append(seq)
-        if len(batch) >= spec.teacher.batch_sequences:
-            flush()
-    if batch:
-        flush()
-    progress.update(source.size, rejected=sum(rejected.values()))
+    progress.start_unit(unit.index)
+    clock = run_overlapped(
+        batches(),
+        lambda batch: teacher.label([s.input_ids for s in batch.sequences]),
+        store,
+        depth=depth,
+        clock=progress.clock,
+    )
+    count, tokens = counts["sequences"], counts["tokens"]
+    progress.update(unit.size, rejected=sum(rejected.values()))
     shards = committed + writer.close()
+    sha256 = unit_sha256(unit)  # a part hashes its own bytes, never its whole file
     record = UnitRecord(
-        unit=unit,
-        source=source.url,
+        unit=unit.index,
+        source=unit.source.url,
         sequences=count,
         tokens=tokens,
         shards=len(shards),
         rejected=dict(sorted(rejected.items())),
-        source_sha256=source_sha256(source),
+        source_sha256=sha256 if unit.whole else "",
+        part=unit.part,
+        parts=unit.parts,
+        range_kind=unit.kind,
+        range_start=unit.start,
+        range_stop=unit.stop,
+        range_sha256="" if unit.whole else sha256,
+        engine_s=round(clock.busy_s, 3),
+        wall_s=round(clock.wall_s, 3),
     )
     writer.commits.write_unit(record)
     return record
@@ -271,6 +357,7 @@ def run_job(
     show_progress: bool = True,
     teacher_factory: Callable[[JobSpec], Teacher] = load_teacher,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    depth: int = DEFAULT_DEPTH,
 ) -> Manifest:
     """Run (or finish) a labeling job on this machine, one unit after another; returns the manifest."""
     plan = plan_job(spec, log)
@@ -281,13 +368,13 @@ def run_job(
     if pending:
         teacher = teacher_factory(spec)
         record_teacher(plan, teacher.provenance())
-        job = JobProgress(plan.sources, dict(plan.units))
-        bar = ProgressBar(job, sum(s.size for _, s in pending), show_progress)
+        job = JobProgress(plan.work, dict(plan.units))
+        bar = ProgressBar(job, sum(u.size for u in pending), show_progress)
         state = "failed"
         try:
-            for unit, source in pending:
-                mine = plan.commits.shards(unit)
-                job.finish_unit(run_unit(spec, unit, source, plan.tokenizer, teacher, mine, bar))
+            for unit in pending:
+                mine = plan.commits.shards(unit.index)
+                job.finish_unit(run_unit(spec, unit, plan.tokenizer, teacher, mine, bar, depth))
                 job.write(plan.fs, plan.root)
             state = "done"
         finally:
@@ -295,6 +382,36 @@ def run_job(
             teacher.close()
             job.write(plan.fs, plan.root, state)
     return finish_job(plan)
+
+
+def _manifest_sources(
+    sources: list[Source], work: list[WorkUnit], units: dict[int, UnitRecord]
+) -> list[dict[str, Any]]:
+    """The manifest's ``corpus.sources``: {url, size, sha256} of a source labeled whole; for a
+    split source sha256 null and ``parts``, each part's unit, range and sha256."""
+    by_source: dict[str, list[WorkUnit]] = {}
+    for unit in work:
+        by_source.setdefault(unit.source.url, []).append(unit)
+    out = []
+    for source in sources:
+        mine = by_source[source.url]
+        if len(mine) == 1 and mine[0].whole:
+            out.append({"url": source.url, "size": source.size, "sha256": units[mine[0].index].source_sha256})
+            continue
+        parts = [
+            {
+                "unit": u.index,
+                "kind": u.kind,
+                "start": u.start,
+                "stop": u.stop,
+                "offset": u.offset,
+                "size": u.size,
+                "sha256": units[u.index].range_sha256,
+            }
+            for u in mine
+        ]
+        out.append({"url": source.url, "size": source.size, "sha256": None, "parts": parts})
+    return out
 
 
 def _build_manifest(
@@ -325,9 +442,7 @@ def _build_manifest(
         **teacher_info,
     }
     corpus = {
-        "sources": [
-            {"url": s.url, "size": s.size, "sha256": units[i].source_sha256} for i, s in enumerate(sources)
-        ],
+        "sources": _manifest_sources(sources, plan.work, units),
         "text_field": spec.corpus.text_field,
         "messages_field": spec.corpus.messages_field,
         "packing": asdict(spec.packing),

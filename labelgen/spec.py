@@ -80,7 +80,8 @@ class TeacherSpec:
 class CorpusSpec:
     sources: list[str]
     """URLs or globs (any fsspec protocol) of .jsonl / .parquet / text files, or saved
-    Hugging Face ``datasets`` directories. Expanded and sorted; each file is one work unit."""
+    Hugging Face ``datasets`` directories. Expanded and sorted; each file is one work unit,
+    or several when it is larger than ``unit_mib``."""
     format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
     """Input format; 'auto' decides by file extension (.jsonl/.json[.gz|.zst], .parquet,
     .txt/.md, or a directory holding dataset_info.json)."""
@@ -110,7 +111,9 @@ class CorpusSpec:
     """Target size of a work unit (MiB of input). Larger files are split into units of
     about this size so replicas share them: Parquet by row groups, jsonl and text by
     byte ranges aligned to record boundaries, saved datasets by their Arrow files.
-    Compressed streams (.gz, .zst) cannot be split and stay one unit each."""
+    Compressed streams (.gz, .zst, .bz2, .xz, ...) and ``text_split: file`` inputs
+    cannot be split and stay one unit each. Part of the spec hash (except at its
+    default): the plan is recorded in the output and a resume must find the same one."""
 
     def check(self):
         if self.unit_mib <= 0:
@@ -168,9 +171,12 @@ class LabelsSpec:
     <= 1e-3 nats per position) for 25-50% of plain's bytes. The student reader decodes
     every codec transparently; the target log-prob stays float32."""
     logits_budget_mib: float = 1024.0
-    """Working memory (MiB) of the on-device label computation per engine step: the
-    hook computes logits, top-k, log-sum-exp, draws and targets in row chunks small
-    enough to stay within it (at least one row per chunk)."""
+    """Working memory (MiB) the on-device label computation may add per worker on top of
+    what vLLM profiled: logits, top-k, log-sum-exp, draws and targets are computed in row
+    chunks whose temporaries stay within it (at least one row; 882 rows at a 152k
+    vocabulary by default). vLLM's ``gpu_memory_utilization`` does not count it, so leave
+    at least this much device memory free (docs/SCALE.md, section 4). It does not change
+    the labels, so it is not part of the spec hash: a job may resume with another budget."""
 
     def check(self):
         if self.logits_budget_mib <= 0:
@@ -242,12 +248,14 @@ class ClusterSpec:
 
     replicas: int = 1
     """Data-parallel teacher replicas: Ray actors, each owning one vLLM engine and
-    labeling whole work units (sources) at a time."""
+    labeling whole work units (sources, or parts of them) at a time."""
     gpus_per_replica: float | None = None
     """GPUs each replica reserves. None: teacher.engine_args tensor_parallel_size x
     pipeline_parallel_size when the cluster has GPUs, 0 when it has none (CPU vLLM)."""
     cpus_per_replica: float = 1.0
-    """CPUs each replica reserves (tokenization, packing, Parquet encoding)."""
+    """CPUs each replica reserves. Besides the engine's own thread, a replica runs two host
+    threads that overlap with it (reading + tokenizing + packing the next batch; encoding
+    + writing the last one): reserve 3 on GPU nodes so neither waits for a core."""
     resources: dict[str, float] = field(default_factory=dict)
     """Extra Ray resources per replica, e.g. {"accelerator_type:H100": 0.001}."""
     env_vars: dict[str, str] = field(default_factory=dict)
@@ -353,8 +361,9 @@ class JobSpec:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def content_hash(self) -> str:
-        """sha256 of what determines the labels (everything but output.overwrite, cluster
-        and corpus.on_bad_source, whose choice the sources listing records).
+        """sha256 of what determines the labels (everything but output.overwrite, cluster,
+        labels.logits_budget_mib, and corpus.on_bad_source, whose choice the sources
+        listing records).
 
         Fields added after a release are left out while at their default, so the spec of
         an output that release wrote hashes as it did and the job resumes there."""
@@ -362,6 +371,7 @@ class JobSpec:
         data["output"] = {k: v for k, v in data["output"].items() if k != "overwrite"}
         data.pop("cluster", None)
         data["corpus"].pop("on_bad_source", None)
+        data["labels"].pop("logits_budget_mib", None)
         for section, name, default in _ADDED_FIELDS:
             if data[section].get(name) == default:
                 del data[section][name]
@@ -374,7 +384,6 @@ _ADDED_FIELDS = (
     ("corpus", "max_messages", 256),
     ("corpus", "chat_roles", list(CHAT_ROLES)),
     ("corpus", "unit_mib", 256.0),
-    ("labels", "logits_budget_mib", 1024.0),
 )
 
 

@@ -17,6 +17,7 @@ is entry t+1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -47,6 +48,10 @@ class VllmTeacher:
         wants_hook = spec.labels.extraction != "public"
         if wants_hook:
             engine_args.setdefault("worker_extension_cls", "labelgen.extraction.LabelExtractor")
+            # vLLM 0.32 runs CUDA engines on its V2 model runner by default, which has no
+            # prompt-logprobs step for the hook to replace; the CPU build always runs V1.
+            # Ask for V1 (the engine's processes inherit this) unless the user chose.
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         self._llm = LLM(
             model=t.model,
             tokenizer=t.tokenizer or t.model,
@@ -66,6 +71,7 @@ class VllmTeacher:
         )
         self._engine_args = engine_args
         self.extraction = "public"
+        self._recorders: list[int] = []  # the worker(s) whose labelgen_fetch carries labels
         if wants_hook:
             self.extraction = self._install_hook(spec)
         if self.extraction == "hook":
@@ -82,14 +88,25 @@ class VllmTeacher:
             "layers": list(spec.hidden.layers),
             "hidden_every": spec.hidden.every,
             "hidden_dtype": spec.hidden.dtype,
+            "logits_budget_mib": spec.labels.logits_budget_mib,
         }
         version = ".".join(self._version.split(".")[:2])
         try:
             if version not in SUPPORTED_VLLM:
                 raise RuntimeError(f"vLLM {self._version} is not one of {', '.join(SUPPORTED_VLLM)}")
-            self._llm.collective_rpc("labelgen_install", args=(options,))
+            installed = self._llm.collective_rpc("labelgen_install", args=(options,))
+            self._recorders = [rank for rank, info in enumerate(installed) if info["records"]]
+            if len(self._recorders) != 1:
+                raise RuntimeError(
+                    f"expected one worker of {len(installed)} to hold the full logits, got workers "
+                    f"{self._recorders} (an engine layout the hook does not know)"
+                )
             return "hook"
         except Exception as exc:  # noqa: BLE001 - any failure means: use the public path
+            self._recorders = []
+            # Workers where the install went through must leave prompt logprobs to vLLM.
+            with contextlib.suppress(Exception):  # nothing installed anywhere: nothing to undo
+                self._llm.collective_rpc("labelgen_set_active", args=(False,))
             needs_hook = spec.labels.draws or spec.hidden.layers or spec.labels.extraction == "hook"
             if needs_hook:
                 raise RuntimeError(
@@ -114,12 +131,20 @@ class VllmTeacher:
         return [self._convert(out.prompt_logprobs, len(ids)) for out, ids in zip(outputs, batch, strict=True)]
 
     def _collect(self, batch: list[np.ndarray]) -> list[SequenceLabels]:
-        """Fetch the worker's arrays and match them to the batch by prompt hash."""
+        """Fetch the recording worker's arrays and match them to the batch by prompt hash.
+
+        Every worker answers ``labelgen_fetch`` (one reply per worker, in rank order); only
+        the one that holds the full logits (tensor rank 0 of the last pipeline stage) has
+        labels, so each request is taken once."""
         from labelgen.contract.format import token_hash
 
         found: dict[int, dict[str, Any]] = {}
-        for blob in self._llm.collective_rpc("labelgen_fetch"):
-            for item in pickle.loads(blob):
+        for rank, blob in enumerate(self._llm.collective_rpc("labelgen_fetch")):
+            items = pickle.loads(blob)
+            if rank not in self._recorders:
+                assert not items, f"worker {rank} does not record labels but returned {len(items)}"
+                continue
+            for item in items:
                 found[item["prompt_hash"]] = item
         labels = []
         for ids in batch:

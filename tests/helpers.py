@@ -29,6 +29,13 @@ def make_spec(teacher_dir: Path, corpus_dir: Path, out_url: str, **sections) -> 
     return spec
 
 
+def unit_facts(units) -> list:
+    """Unit records without their timings (engine and wall seconds differ run to run)."""
+    import dataclasses
+
+    return [dataclasses.replace(u, engine_s=0.0, wall_s=0.0) for u in units]
+
+
 def dataset_rows(url) -> list[dict]:
     """Every row of a complete label dataset (any fsspec URL), shard by shard in manifest order."""
     import fsspec

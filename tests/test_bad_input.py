@@ -123,12 +123,18 @@ def test_a_source_truncated_mid_job_fails_its_unit_clearly_and_keeps_committed_s
 
 
 def test_the_new_corpus_fields_keep_the_spec_hash_of_the_previous_release():
-    """An output written before corpus.max_messages / chat_roles / on_bad_source existed
-    resumes: at their defaults (and on_bad_source always) they are left out of the hash."""
+    """An output written before corpus.max_messages / chat_roles / on_bad_source / unit_mib
+    and labels.logits_budget_mib existed resumes: at their defaults (on_bad_source and the
+    logits budget always) they are left out of the hash."""
     raw = make_spec("/models/teacher", "/data/corpus", "/out/labels")
     previous = "6755eb58cec27a9f8725d65dd2993b1ae95a5e740b7b6c6434b5f9c29a96a2db"  # that release's hash
     assert load_config(JobSpec, raw).content_hash() == previous
     raw["corpus"]["on_bad_source"] = "skip"
     assert load_config(JobSpec, raw).content_hash() == previous
+    raw["labels"]["logits_budget_mib"] = 64.0  # changes no label: never in the hash
+    assert load_config(JobSpec, raw).content_hash() == previous
+    raw["corpus"]["unit_mib"] = 64.0  # changes the plan: in the hash once set
+    assert load_config(JobSpec, raw).content_hash() != previous
+    del raw["corpus"]["unit_mib"]
     raw["corpus"]["max_messages"] = 8
     assert load_config(JobSpec, raw).content_hash() != previous

@@ -1,14 +1,15 @@
 """Labeling on a local Ray cluster with real vLLM replicas, and the Ray Jobs CLI.
 
 One module-scoped local cluster (2 CPUs, dashboard on 127.0.0.1 for the Jobs API)
-serves both tests; a moto S3 server on loopback holds the corpus and the labels of
-the first. Both compare their dataset row for row with ``labelgen run`` (the local
-runner, real vLLM) on the same spec:
+serves the tests; a moto S3 server on loopback holds the corpus and the labels of
+the first. Each compares its dataset row for row with the local runner on the same spec:
 
 - the Ray executor with 2 replicas, one of them killed after its unit's first
   commit: the unit is retried on a new replica, no row lost or doubled;
 - ``labelgen submit`` / ``status`` / ``logs`` / ``stop``: the driver is stopped after
-  a commit and the job resubmitted; it resumes from the committed shards.
+  a commit and the job resubmitted; it resumes from the committed shards;
+- a big jsonl and a big Parquet file split into work units (``corpus.unit_mib``),
+  labeled by 2 replicas at once with the fake teacher (fast: no vLLM).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import fsspec
 import pytest
 
 import s3_server
-from helpers import dataset_rows, make_spec, write_spec
+from helpers import dataset_rows, make_spec, unit_facts, write_spec
 from labelgen.contract.configs import load_config
 from labelgen.contract.dataset import read_manifest
 from labelgen.contract.format import COMMITS_DIR, MANIFEST_NAME
@@ -228,3 +229,52 @@ def test_submit_status_logs_stop_and_resubmit_resumes(
     assert dataset_rows(str(out)) == dataset_rows(reference)
     missing = cli("status", "raysubmit_nope", "--address", address, check=False)
     assert missing.returncode == 2 and "raysubmit_nope" in missing.stderr
+
+
+def test_two_replicas_label_the_parts_of_big_sources_like_the_local_runner(
+    ray_cluster, teacher_dir, texts, tmp_path
+):
+    """A big jsonl and a big Parquet file, split into work units (corpus.unit_mib), labeled
+    by 2 Ray replicas at once with the fake teacher: exactly the rows of the local runner."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import fakes
+    from labelgen.cluster import run_job_ray
+    from labelgen.runner import run_job
+    from labelgen.testing import write_jsonl_corpus
+
+    corpus = tmp_path / "corpus"
+    write_jsonl_corpus(corpus / "big.jsonl", texts[:70], chat_every=6)
+    pq.write_table(pa.table({"text": texts[70:160]}), corpus / "big.parquet", row_group_size=9)
+
+    def spec(out: str) -> JobSpec:
+        raw = spec_dict(teacher_dir, f"{corpus}/big.*", out, replicas=2)
+        raw["corpus"]["unit_mib"] = 0.015  # ~16 KB: 3-4 units per source
+        return load_config(JobSpec, raw)
+
+    def factory(s: JobSpec) -> fakes.FakeTeacher:
+        return fakes.FakeTeacher(s.labels.k)
+
+    local = run_job(spec(str(tmp_path / "local")), show_progress=False, teacher_factory=factory)
+    assert len(local.units) >= 6 and {u.range_kind for u in local.units} == {"bytes", "row_groups"}
+    logs: list[str] = []
+    ray.cloudpickle.register_pickle_by_value(fakes)  # the replicas cannot import tests/fakes.py
+    try:
+        manifest = run_job_ray(spec(str(tmp_path / "ray")), teacher_factory=factory, log=logs.append)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(fakes)
+    text = "\n".join(logs)
+    assert "→ replica 0" in text and "→ replica 1" in text, f"both replicas label units:\n{text}"
+    assert "(big.jsonl, part 2/" in text and "(big.parquet, part 1/" in text
+    a, b = dataset_rows(str(tmp_path / "local")), dataset_rows(str(tmp_path / "ray"))
+    assert len(a) == len(b) and len({r["sample_id"] for r in b}) == len(b), "rows lost or doubled"
+    for x, y in zip(a, b, strict=True):
+        assert x == y, f"row {x['sample_id']} differs between the local and the Ray run"
+    assert [(s.path, s.rows, s.sha256) for s in manifest.shards] == [
+        (s.path, s.rows, s.sha256) for s in local.shards
+    ]
+    assert (
+        unit_facts(manifest.units) == unit_facts(local.units)
+        and manifest.corpus["sources"] == local.corpus["sources"]
+    )

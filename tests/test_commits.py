@@ -10,7 +10,7 @@ import pytest
 
 from fakes import FakeTeacher
 from helpers import make_spec
-from labelgen.contract.commits import CommitLog, JobRecord
+from labelgen.contract.commits import PLAN_RECORD, CommitLog, JobRecord, PlannedUnit, PlanRecord
 from labelgen.contract.configs import load_config
 from labelgen.contract.dataset import labels_layout, read_manifest
 from labelgen.contract.format import ShardRecord, UnitRecord
@@ -93,3 +93,25 @@ def test_a_job_record_of_another_major_version_is_refused(tmp_path):
     log.write_job(JobRecord(k=8, codec="plain", format_version="2.0"))
     with pytest.raises(FormatError, match="format version 2.0, this reader supports 1.0"):
         log.job()
+
+
+def test_the_plan_record_round_trips_and_a_damaged_one_is_refused(tmp_path):
+    from labelgen.contract.format import FormatError
+
+    log = CommitLog.at(str(tmp_path / "ds"))
+    assert log.plan() is None
+    units = [
+        PlannedUnit(0, "file:///a.jsonl", 0, 2, "bytes", 0, 500, 500, 0, 0),
+        PlannedUnit(1, "file:///a.jsonl", 1, 2, "bytes", 500, 1000, 500, 500, 0),
+        PlannedUnit(2, "file:///b.parquet", 0, 1, "file", 0, 70, 70),
+    ]
+    log.write_plan(PlanRecord(unit_mib=0.5, units=units))
+    assert log.plan() == PlanRecord(unit_mib=0.5, units=units)
+    assert f"_commits/{PLAN_RECORD}" in log.record_files(), "a copy of the dataset carries the plan"
+    path = tmp_path / "ds" / "_commits" / PLAN_RECORD
+    path.write_text('{"unit_mib": 0.5, "units": [{"unit": 0, "source": "a", "part": 0, "parts": 1}]}')
+    with pytest.raises(FormatError, match=f"{PLAN_RECORD} units\\[0\\] has no field 'kind'"):
+        log.plan()
+    log.write_plan(PlanRecord(unit_mib=0.5, units=units[1:]))
+    with pytest.raises(FormatError, match=r"lists units \[1, 2\], not 0, 1, 2"):
+        log.plan()

@@ -2,10 +2,14 @@
 
 Integration tier: real vLLM on CPU. The hook job runs with a small
 ``max_num_batched_tokens`` so prompts are split into chunks and share steps with
-other requests (chunked prefill under continuous batching).
+other requests (chunked prefill under continuous batching). The same job runs again
+with a logits budget of a few rows per chunk (labels bitwise identical) and with the
+teacher split over two tensor-parallel workers (labels equal within float tolerance).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,26 +19,58 @@ from test_integration import cli
 
 from helpers import dataset_rows, make_spec, write_spec
 from labelgen.contract.dataset import read_manifest
+from labelgen.extraction import logits_chunk_rows
 
 pytestmark = pytest.mark.integration
 
 LAYERS = [0, 1, 2]
 
 
-@pytest.fixture(scope="module")
-def hook_job(teacher_dir, corpus_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("hook-job")
+HOOK_ENGINE = {"enforce_eager": True, "max_num_batched_tokens": 96}
+HOOK_LABELS = {"k": 8, "extraction": "hook", "draws": 64}
+TINY_BUDGET_MIB = 0.05  # 3 rows per chunk on the 528-id teacher with 64 draws
+
+
+def _hook_job(teacher_dir, corpus_dir, work, engine=(), labels=(), env=None):
     spec = make_spec(
         teacher_dir,
         corpus_dir,
         str(work / "labels"),
-        teacher={"engine_args": {"enforce_eager": True, "max_num_batched_tokens": 96}},
-        labels={"k": 8, "extraction": "hook", "draws": 64},
+        teacher={"engine_args": {**HOOK_ENGINE, **dict(engine)}},
+        labels={**HOOK_LABELS, **dict(labels)},
         hidden={"layers": LAYERS, "every": 8, "dtype": "float32"},
     )
-    out = cli("labelgen", "run", str(write_spec(work / "job.yaml", spec)), "--no-progress")
+    out = cli("labelgen", "run", str(write_spec(work / "job.yaml", spec)), "--no-progress", env=env)
     assert "labeled" in out.stdout, out.stderr[-3000:]
     return work / "labels"
+
+
+@pytest.fixture(scope="module")
+def hook_job(teacher_dir, corpus_dir, tmp_path_factory):
+    return _hook_job(teacher_dir, corpus_dir, tmp_path_factory.mktemp("hook-job"))
+
+
+@pytest.fixture(scope="module")
+def tiny_budget_job(teacher_dir, corpus_dir, tmp_path_factory):
+    labels = {"logits_budget_mib": TINY_BUDGET_MIB}
+    return _hook_job(teacher_dir, corpus_dir, tmp_path_factory.mktemp("tiny-budget-job"), labels=labels)
+
+
+@pytest.fixture(scope="module")
+def tp2_job(teacher_dir, corpus_dir, tmp_path_factory):
+    """The hook job on two tensor-parallel CPU workers, one allowed CPU set each.
+
+    vLLM's CPU workers bind their OpenMP threads to NUMA nodes by default and refuse two
+    workers on one node ("Not enough allowed NUMA nodes to bind threads of 2 local
+    CPUWorkers"); VLLM_CPU_OMP_THREADS_BIND gives each its own CPUs instead."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"tensor parallelism on CPU needs 2 CPUs, this process may use {cpus}")
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half : 2 * half]))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": bind}
+    engine = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    return _hook_job(teacher_dir, corpus_dir, tmp_path_factory.mktemp("tp2-job"), engine=engine, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +140,56 @@ def test_draws_follow_the_teacher_distribution(hook_job, teacher_dir):
     freq = hits / (64 * (t - 1))
     mean_top1 = p.max(-1).mean()
     assert abs(freq - mean_top1) < 0.03, (freq, mean_top1)
+
+
+def _hidden_rows(url) -> list[dict]:
+    m = read_manifest(str(url))
+    return [row for shard in m.shards for row in pq.read_table(url / shard.hidden_path).to_pylist()]
+
+
+def test_a_tiny_logits_budget_gives_bitwise_identical_labels(hook_job, tiny_budget_job):
+    """Chunks of 3 rows against one chunk per request and step (at most 96 rows).
+
+    Bitwise: on this CPU vLLM's lm_head (oneDNN) gives each row the same bits whatever
+    the number of rows, and every later op is row-wise (see labelgen.extraction)."""
+    rows = logits_chunk_rows(528, TINY_BUDGET_MIB * (1 << 20), draws=64)
+    assert rows == 3 < HOOK_ENGINE["max_num_batched_tokens"]
+    assert logits_chunk_rows(528, 1024 * (1 << 20), draws=64) > HOOK_ENGINE["max_num_batched_tokens"]
+    whole, chunked = dataset_rows(hook_job), dataset_rows(tiny_budget_job)
+    assert len(whole) == len(chunked) > 100
+    for a, b in zip(whole, chunked, strict=True):
+        assert a == b, a["sample_id"]
+    assert _hidden_rows(hook_job) == _hidden_rows(tiny_budget_job)
+
+
+def _position_draws(row: dict) -> list[tuple]:
+    offsets = np.concatenate([[0], np.cumsum(row["draw_num"])])
+    ids, counts = row["draw_ids"], row["draw_counts"]
+    return [(tuple(ids[a:b]), tuple(counts[a:b])) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def test_tensor_parallel_labels_equal_single_worker_labels(hook_job, tp2_job):
+    """TP = 2 vs TP = 1: the all-reduces sum in another order, so values agree to float
+    rounding (measured: 1.4e-6 on log-probs, 2e-6 on hidden states), not bitwise; a near
+    tie can swap two top-k ids, and a uniform within rounding of a CDF boundary can pick
+    the neighbouring id, so ids and draws agree at almost every position."""
+    m = read_manifest(str(tp2_job))
+    assert m.teacher["extraction"] == "hook" and m.teacher["tensor_parallel_size"] == 2
+    one, two = dataset_rows(hook_job), dataset_rows(tp2_job)
+    assert [r["sample_id"] for r in one] == [r["sample_id"] for r in two]
+    same_ids = ids = same_draws = positions = 0
+    for a, b in zip(one, two, strict=True):
+        assert a["input_ids"] == b["input_ids"]
+        np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a["target_logprobs"], b["target_logprobs"], atol=1e-5, rtol=0)
+        same_ids += int(np.sum(np.array(a["topk_ids"]) == np.array(b["topk_ids"])))  # flat (T-1) * k
+        ids += len(a["topk_ids"])
+        same_draws += sum(x == y for x, y in zip(_position_draws(a), _position_draws(b), strict=True))
+        positions += len(a["target_logprobs"])
+    assert same_ids / ids > 0.999, f"{same_ids}/{ids} top-k ids identical"
+    assert same_draws / positions > 0.99, f"{same_draws}/{positions} positions drew the same ids"
+    for a, b in zip(_hidden_rows(hook_job), _hidden_rows(tp2_job), strict=True):
+        assert (a["sample_id"], a["positions"]) == (b["sample_id"], b["positions"])
+        for layer in LAYERS:
+            got, want = (np.frombuffer(r[f"layer_{layer}"], "<f4") for r in (b, a))
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

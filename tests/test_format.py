@@ -77,3 +77,44 @@ def test_version_mismatch_names_both_versions(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(FormatError, match=f"format version 2.0, this reader supports {FORMAT_VERSION}"):
         read_manifest(str(tmp_path))
+
+
+def test_unit_records_of_parts_and_records_written_before_them(tmp_path):
+    """Records without the part fields (written before units could be parts) are whole
+    sources; a manifest listing a split source's parts reads back whole."""
+    old = {
+        "unit": 0,
+        "source": "file:///c.jsonl",
+        "sequences": 3,
+        "tokens": 30,
+        "shards": 1,
+        "source_sha256": "cd",
+    }
+    record = UnitRecord.from_dict(old, "old record")
+    assert (record.part, record.parts, record.range_kind, record.range_sha256) == (0, 1, "file", "")
+    part = UnitRecord(1, "file:///big.jsonl", 3, 30, 1, {}, "", 1, 4, "bytes", 500, 1000, "ef")
+    assert UnitRecord.from_dict(json.loads(json.dumps(part.__dict__)), "part") == part
+    m = _manifest()
+    m.units = [UnitRecord(0, "file:///c.jsonl", 3, 30, 1, {"empty_text": 2}, "", 0, 2, "bytes", 0, 9, "ab")]
+    m.corpus = {
+        "sources": [
+            {
+                "url": "file:///c.jsonl",
+                "size": 18,
+                "sha256": None,
+                "parts": [
+                    {
+                        "unit": 0,
+                        "kind": "bytes",
+                        "start": 0,
+                        "stop": 9,
+                        "offset": 0,
+                        "size": 9,
+                        "sha256": "ab",
+                    }
+                ],
+            }
+        ]
+    }
+    (tmp_path / "manifest.json").write_text(m.to_json())
+    assert read_manifest(str(tmp_path)) == m

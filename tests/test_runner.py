@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from fakes import FakeTeacher
-from helpers import make_spec
+from helpers import make_spec, unit_facts
 from labelgen.contract.configs import load_config
 from labelgen.contract.dataset import read_manifest
 from labelgen.contract.format import Columns, token_hash
@@ -180,3 +181,156 @@ def test_compact_codec_is_decoded_transparently(teacher_dir, corpus_dir, tmp_pat
     np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=1 / 16)
     np.testing.assert_array_equal(a["target_logprobs"], b["target_logprobs"])
     assert batches["compact_bytes"] < batches["plain_bytes"]
+
+
+# -- work units: sources split into parts (labelgen.units) ---------------------------------
+SPLIT_MIB = 0.015  # ~16 KB: the big sources below are 3-4 units each
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory, texts):
+    """A jsonl and a Parquet file (row groups of 9 rows) of ~50 KB each, with bad records."""
+    import pyarrow as pa
+
+    from labelgen.testing import write_jsonl_corpus
+
+    out = tmp_path_factory.mktemp("big-corpus")
+    write_jsonl_corpus(out / "big.jsonl", texts[:70], chat_every=6)
+    with (out / "big.jsonl").open("ab") as f:
+        f.write(b'{"text": broken\n{"text": ""}\n{"text": "the last line has no newline"}')
+    column = [None if i == 5 else text for i, text in enumerate(texts[70:160])]
+    pq.write_table(pa.table({"text": column}), out / "big.parquet", row_group_size=9)
+    return out
+
+
+def split_job(teacher_dir, corpus, out, unit_mib=SPLIT_MIB, **sections) -> JobSpec:
+    corpus_section = {"sources": [f"{corpus}/big.*"], "unit_mib": unit_mib}
+    return job(teacher_dir, corpus, out, corpus=corpus_section, **sections)
+
+
+def label_key(row: dict) -> tuple:
+    return row[Columns.TOKEN_HASH], tuple(row[Columns.INPUT_IDS])
+
+
+def test_split_sources_label_exactly_the_records_of_the_unsplit_job(teacher_dir, big_corpus, tmp_path):
+    import hashlib
+
+    packing = {"cross_documents": False}  # a record's sequences do not depend on its neighbours
+    whole = split_job(teacher_dir, big_corpus, tmp_path / "whole", unit_mib=256.0, packing=packing)
+    split = split_job(teacher_dir, big_corpus, tmp_path / "split", packing=packing)
+    mw = run_job(whole, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    ms = run_job(split, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert [(u.part, u.parts) for u in mw.units] == [(0, 1), (0, 1)]
+    kinds = [u.range_kind for u in ms.units]
+    assert kinds.count("bytes") >= 3 and kinds.count("row_groups") >= 3, kinds
+    a, b = rows(tmp_path / "whole"), rows(tmp_path / "split")
+    ids = [r["sample_id"] for r in b]
+    assert len(set(ids)) == len(ids), "sample ids are unique across the parts"
+    assert sorted(a, key=label_key) != [] and len(a) == len(b)
+    strip = [{k: v for k, v in r.items() if k != "sample_id"} for r in sorted(a, key=label_key)]
+    assert strip == [{k: v for k, v in r.items() if k != "sample_id"} for r in sorted(b, key=label_key)]
+    # Parquet parts keep the file's record numbers, byte-range parts say where they start.
+    assert {i for i in ids if i.startswith("big.parquet")} == {
+        r["sample_id"] for r in a if r["sample_id"].startswith("big.parquet")
+    }
+    starts = {u.range_start for u in ms.units if u.range_kind == "bytes"}
+    assert {i.split("#")[0] for i in ids if i.startswith("big.jsonl")} == {f"big.jsonl@{s}" for s in starts}
+    assert ms.rejected == mw.rejected
+    assert {k: v for k, v in ms.rejected.items() if k != "too_short"} == {
+        "empty_text": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+    }
+    assert sum(u.sequences for u in ms.units) == sum(u.sequences for u in mw.units)
+    # Integrity: whole sources keep their sha256, parts hash their own bytes.
+    assert all(s["sha256"] and "parts" not in s for s in mw.corpus["sources"])
+    jsonl, parquet = ms.corpus["sources"]
+    assert jsonl["sha256"] is None and [p["unit"] for p in jsonl["parts"]] == list(range(len(jsonl["parts"])))
+    data = (big_corpus / "big.jsonl").read_bytes()
+    for part, record in zip(jsonl["parts"], ms.units, strict=False):
+        assert (
+            part["sha256"]
+            == record.range_sha256
+            == hashlib.sha256(data[part["start"] : part["stop"]]).hexdigest()
+        )
+        assert record.source_sha256 == "" and (record.range_start, record.range_stop) == (
+            part["start"],
+            part["stop"],
+        )
+    assert jsonl["parts"][-1]["stop"] == len(data) and parquet["parts"][0]["kind"] == "row_groups"
+
+
+def test_a_split_job_killed_mid_unit_resumes_to_identical_shards(teacher_dir, big_corpus, tmp_path):
+    import json
+
+    from labelgen.contract.commits import CommitLog
+    from labelgen.progress import PROGRESS_NAME
+
+    small_shards = {"shard_mib": 0.02}  # every batch closes a shard: units span several
+    spec = split_job(teacher_dir, big_corpus, tmp_path / "ref", output=small_shards)
+    ref = run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert len(ref.units) >= 6 and any(u.shards >= 2 and u.parts > 1 for u in ref.units)
+    out = tmp_path / "re"
+    crashed = dataclasses.replace(spec, output=dataclasses.replace(spec.output, url=str(out)))
+    log = CommitLog.at(str(out))
+    mid_unit = []
+    for after in (2, 5, 9):
+        with pytest.raises(Crash):
+            run_job(
+                crashed,
+                show_progress=False,
+                teacher_factory=lambda s, a=after: CrashingTeacher(s.labels.k, a),
+            )
+        shards, units = log.committed()
+        mid_unit.extend(s.unit for s in shards if s.unit not in units)
+    assert mid_unit, "a crash came after a shard of an unfinished part"
+    run_job(crashed, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert rows(out) == rows(tmp_path / "ref")
+    b = read_manifest(str(out))
+    assert [(s.path, s.rows, s.sha256) for s in b.shards] == [(s.path, s.rows, s.sha256) for s in ref.shards]
+    assert unit_facts(b.units) == unit_facts(ref.units) and b.corpus["sources"] == ref.corpus["sources"]
+    progress = json.loads((out / PROGRESS_NAME).read_text())
+    assert progress["units_total"] == progress["units_done"] == len(ref.units)
+
+
+def test_a_changed_plan_is_refused_and_a_legacy_output_resumes_one_unit_per_source(
+    teacher_dir, big_corpus, tmp_path, monkeypatch
+):
+    import json
+
+    import labelgen.units
+    from labelgen.contract.commits import PLAN_RECORD, CommitLog
+
+    small_shards = {"shard_mib": 0.02}
+    spec = split_job(teacher_dir, big_corpus, tmp_path / "ref", unit_mib=256.0, output=small_shards)
+    ref = run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    out = tmp_path / "re"
+    crashed = dataclasses.replace(spec, output=dataclasses.replace(spec.output, url=str(out)))
+    after = -(-ref.units[0].sequences // spec.teacher.batch_sequences) + 2  # two batches into source 1
+    with pytest.raises(Crash):
+        run_job(crashed, show_progress=False, teacher_factory=lambda s: CrashingTeacher(s.labels.k, after))
+    log = CommitLog.at(str(out))
+    assert list(log.units()) == [0] and log.shards(1), "the crash came inside the second source"
+    monkeypatch.setattr(labelgen.units, "MIB", 64)  # as if this labelgen split these files
+    with pytest.raises(
+        JobError, match=rf"differ from those this job started with \(.*{PLAN_RECORD}\): unit 0"
+    ):
+        run_job(crashed, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    # The release before work units could be parts wrote no plan record and unit records
+    # without a range: such an output resumes with one unit per source.
+    (out / CommitLog.record_file(ref.units[0])).write_text(
+        json.dumps(
+            {k: v for k, v in dataclasses.asdict(ref.units[0]).items() if not k.startswith(("part", "range"))}
+        )
+    )
+    Path(log.path(PLAN_RECORD)).unlink()
+    messages: list[str] = []
+    run_job(
+        crashed, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k), log=messages.append
+    )
+    assert any(f"has no {PLAN_RECORD}" in m and "one unit per source" in m for m in messages), messages
+    assert log.plan() is None, "a legacy output gets no plan record (it would not match a later plan)"
+    assert rows(out) == rows(tmp_path / "ref")
+    b = read_manifest(str(out))
+    assert [(s.path, s.rows, s.sha256) for s in b.shards] == [(s.path, s.rows, s.sha256) for s in ref.shards]
+    assert b.corpus["sources"] == ref.corpus["sources"] and len(b.units) == 2

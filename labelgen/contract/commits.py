@@ -3,6 +3,7 @@
 A job writes, in this order::
 
     _commits/sources.json                the resolved input listing (URL, name, format, size)
+    _commits/plan.json                   the work units (sources, or parts of them) the job labels
     _commits/job.json                    what every shard holds: k, codec, products, spec sha256
     _commits/tokenizer.json              the tokenizer (fingerprint, vocab size)
     _commits/teacher.json                the running engine's provenance
@@ -49,14 +50,18 @@ from labelgen.contract.storage import list_fresh, retry, write_json_atomic
 
 __all__ = [
     "SOURCES_RECORD",
+    "PLAN_RECORD",
     "JOB_RECORD",
     "TOKENIZER_RECORD",
     "TEACHER_RECORD",
     "JobRecord",
+    "PlannedUnit",
+    "PlanRecord",
     "CommitLog",
 ]
 
 SOURCES_RECORD = "sources.json"
+PLAN_RECORD = "plan.json"
 JOB_RECORD = "job.json"
 TOKENIZER_RECORD = "tokenizer.json"
 TEACHER_RECORD = "teacher.json"
@@ -95,6 +100,52 @@ class JobRecord:
         return record
 
 
+@dataclass(frozen=True)
+class PlannedUnit:
+    """One work unit of a job's plan (:class:`labelgen.units.WorkUnit`, as recorded)."""
+
+    unit: int
+    """The unit's index (shard names ``part-UUUUU-SSSSS``, ``unit-UUUUU.json``)."""
+    source: str
+    """The source's URL (as in ``sources.json``)."""
+    part: int
+    """Which part of the source, from 0."""
+    parts: int
+    """How many parts the source is split into (1: the whole source)."""
+    kind: str
+    """What ``start``/``stop`` count: ``file`` (the whole source, bytes), ``bytes``,
+    ``row_groups`` (Parquet) or ``arrow_files`` (a saved HF dataset)."""
+    start: int
+    stop: int
+    """The range ``[start, stop)``."""
+    size: int
+    """Bytes of input the unit covers."""
+    offset: int = 0
+    """First byte of the unit's bytes in the file (bytes and row groups; else 0)."""
+    first_record: int = 0
+    """Index of the unit's first record in the source (Parquet parts; else 0)."""
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """The work units a job labels, written when it starts; every resume must find it again."""
+
+    unit_mib: float
+    """``corpus.unit_mib`` the plan was made with."""
+    units: list[PlannedUnit]
+    """Every unit, in index order."""
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> PlanRecord:
+        """A plan record from parsed JSON, every field checked (:func:`parse_record`) and the
+        units numbered 0, 1, ...; FormatError naming ``where`` and the field otherwise."""
+        record = parse_record(cls, data, where)
+        numbers = [u.unit for u in record.units]
+        if numbers != list(range(len(numbers))):
+            raise FormatError(f"{where} lists units {numbers[:20]}, not 0, 1, 2, ... in order; {_REWRITE}")
+        return record
+
+
 def _shard_record_name(record: ShardRecord) -> str:
     """The commit record file name of a shard: its file's stem + ``.json``."""
     return record.path.rsplit("/", 1)[-1].removesuffix(".parquet") + _SUFFIX
@@ -127,6 +178,9 @@ class CommitLog:
     # -- writing (the labeling job) -------------------------------------------------------
     def write_sources(self, listing: list[dict[str, Any]]) -> None:
         write_json_atomic(self.fs, self.path(SOURCES_RECORD), listing)
+
+    def write_plan(self, record: PlanRecord) -> None:
+        write_json_atomic(self.fs, self.path(PLAN_RECORD), dataclasses.asdict(record))
 
     def write_job(self, record: JobRecord) -> None:
         write_json_atomic(self.fs, self.path(JOB_RECORD), dataclasses.asdict(record))
@@ -175,6 +229,18 @@ class CommitLog:
     def sources(self) -> list[dict[str, Any]] | None:
         """The input listing the job started with (None before the job started)."""
         return self._optional(SOURCES_RECORD, listing=True)
+
+    def plan(self) -> PlanRecord | None:
+        """The job's work units (None: no job started here, or one written before the record
+        existed, whose units are its sources).
+
+        Raises:
+            FormatError: the record is not a plan record (names the file and the field).
+        """
+        data = self._optional(PLAN_RECORD)
+        if data is None:
+            return None
+        return PlanRecord.from_dict(data, self.path(PLAN_RECORD))
 
     def job(self) -> JobRecord | None:
         """What the job's shards hold (None: no job started here, or one written before the
@@ -253,7 +319,7 @@ class CommitLog:
         """Paths, relative to the dataset root, of every record file listed in the log's
         directory (the job's records, shard and unit records; no temporary files), sorted:
         what a copy of the dataset must carry besides its manifest, spec and shards."""
-        fixed = (SOURCES_RECORD, JOB_RECORD, TOKENIZER_RECORD, TEACHER_RECORD)
+        fixed = (SOURCES_RECORD, PLAN_RECORD, JOB_RECORD, TOKENIZER_RECORD, TEACHER_RECORD)
         return [
             join_url(COMMITS_DIR, name)
             for name in self._names("")

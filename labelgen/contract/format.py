@@ -278,15 +278,24 @@ class ShardRecord:
 
 @dataclass(frozen=True)
 class UnitRecord:
-    """One finished work unit (one input source)."""
+    """One finished work unit: an input source, or one part of it (records written before
+    units could be parts lack the fields after ``source_sha256``: they are whole sources)."""
 
     unit: int
-    source: str
+    source: str  # the source's URL
     sequences: int
     tokens: int
     shards: int
     rejected: dict[str, int] = field(default_factory=dict)
-    source_sha256: str = ""
+    source_sha256: str = ""  # sha256 of the whole source; "" for a part (see range_sha256)
+    part: int = 0  # which part of the source, from 0
+    parts: int = 1  # how many parts the source is split into (1: the unit is the whole source)
+    range_kind: str = "file"  # what the range counts: file (bytes), bytes, row_groups, arrow_files
+    range_start: int = 0
+    range_stop: int = 0  # the unit's range [start, stop); 0, 0 in records without it
+    range_sha256: str = ""  # sha256 of the part's own bytes (row groups: their span; Arrow files: in order)
+    engine_s: float = 0.0  # seconds the teacher engine computed, in the attempt that finished the unit
+    wall_s: float = 0.0  # seconds that attempt's labeling loop ran (engine_s / wall_s: busy fraction)
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> UnitRecord:
@@ -326,6 +335,18 @@ class Manifest:
         return dict(sorted(total.items()))
 
     @property
+    def labeling(self) -> dict[str, float | None]:
+        """How well the labeling kept the teacher busy: engine seconds over the units' wall
+        seconds (each unit as the attempt that finished it ran; None without timings)."""
+        engine = sum(u.engine_s for u in self.units)
+        wall = sum(u.wall_s for u in self.units)
+        return {
+            "engine_s": round(engine, 3),
+            "wall_s": round(wall, 3),
+            "engine_busy_fraction": round(engine / wall, 4) if wall > 0 else None,
+        }
+
+    @property
     def totals(self) -> dict[str, int]:
         return {
             "shards": len(self.shards),
@@ -339,6 +360,7 @@ class Manifest:
         data = dataclasses.asdict(self)
         data["totals"] = self.totals
         data["rejected"] = self.rejected
+        data["labeling"] = self.labeling
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
