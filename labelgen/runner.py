@@ -172,8 +172,10 @@ def _unit_plan(
     are its sources (:func:`labelgen.units.legacy_plan`), so it resumes exactly."""
     recorded = commits.plan()
     if recorded is None and (finished or commits.count_shards()):
+        legacy = legacy_plan(sources)
+        _check_legacy(spec, commits, legacy, finished)
         log(f"{spec.output.url} has no {PLAN_RECORD} (written by an earlier labelgen): one unit per source")
-        return legacy_plan(sources)
+        return legacy
     work = plan_units(sources, spec.corpus)
     planned = plan_record(work, spec.corpus)
     if recorded is None:
@@ -187,6 +189,32 @@ def _unit_plan(
             "restore the corpus, or resume with that release, or use a new output.url"
         )
     return work
+
+
+def _check_legacy(
+    spec: JobSpec, commits: CommitLog, legacy: list[WorkUnit], finished: dict[int, UnitRecord]
+) -> None:
+    """Refuse to read an output without a plan record as one unit per source unless its
+    records say exactly that (a lost plan record of a split job would otherwise finish as
+    a dataset missing the parts and sources its unit numbers no longer name)."""
+    problems = [
+        f"unit record {unit} ({record.source}, part {record.part + 1}/{record.parts})"
+        for unit, record in sorted(finished.items())
+        if unit >= len(legacy)
+        or record.parts != 1
+        or record.range_kind != "file"
+        or record.source != legacy[unit].source.url
+    ]
+    problems += [
+        f"shard {shard.path} of unit {shard.unit}" for shard in commits.shards() if shard.unit >= len(legacy)
+    ]
+    if problems:
+        raise JobError(
+            f"{spec.output.url} has no {commits.path(PLAN_RECORD)} but its commit records are not one "
+            f"unit per source ({'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}): the plan "
+            "record was lost or the output was written by another job; restore the record, or use a new "
+            "output.url"
+        )
 
 
 def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> JobPlan:
@@ -289,7 +317,7 @@ def run_unit(
     )
     rejected: dict[str, int] = {}
     position = {"bytes": 0}
-    counts = {"sequences": 0, "tokens": 0}
+    counts: dict[str, Any] = {"sequences": 0, "tokens": 0}
 
     def records():
         for item in read_unit(unit, spec.corpus):
@@ -310,6 +338,9 @@ def run_unit(
                 batch = []
         if batch:
             yield _Batch(batch, position["bytes"], sum(rejected.values()))
+        # Hashed here, while the engine labels the last batches: a part hashes its own
+        # bytes, never its whole file.
+        counts["sha256"] = unit_sha256(unit)
 
     def store(batch: _Batch, labels: list[SequenceLabels]) -> None:
         """Encode, write and commit (the store stage)."""
@@ -320,17 +351,19 @@ def run_unit(
         progress.update(batch.source_bytes, len(batch.sequences), tokens, batch.rejected)
 
     progress.start_unit(unit.index)
-    clock = run_overlapped(
+    clock = progress.clock
+    clock.start()  # the whole unit: the loop, then the last shard's commit
+    run_overlapped(
         batches(),
         lambda batch: teacher.label([s.input_ids for s in batch.sequences]),
         store,
         depth=depth,
-        clock=progress.clock,
+        clock=clock,
     )
-    count, tokens = counts["sequences"], counts["tokens"]
+    count, tokens, sha256 = counts["sequences"], counts["tokens"], counts["sha256"]
     progress.update(unit.size, rejected=sum(rejected.values()))
     shards = committed + writer.close()
-    sha256 = unit_sha256(unit)  # a part hashes its own bytes, never its whole file
+    clock.stop()
     record = UnitRecord(
         unit=unit.index,
         source=unit.source.url,

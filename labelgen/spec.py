@@ -198,7 +198,11 @@ class LabelsSpec:
 class HiddenSpec:
     layers: list[int] = field(default_factory=list)
     """Hidden-state layers to sample (HF numbering: 0 = embeddings, i = output of decoder
-    layer i; the last one is after the final norm, as in transformers). Empty = off."""
+    layer i; the last one is after the final norm, as in transformers). Empty = off.
+    On a compiled engine (the default) they come from the model's auxiliary hidden-state
+    outputs, which vLLM's EAGLE-3 capable models have (Llama, Qwen2 and others); the
+    engine refuses other models at start-up: set ``teacher.engine_args.enforce_eager:
+    true`` for those (forward hooks, no compiled graphs)."""
     every: int = 16
     """One sampled position every this many tokens (seeded phase per sequence)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -345,14 +349,11 @@ class JobSpec:
                 f"({self.packing.seq_len}) must be < teacher.max_model_len ({limit}): vLLM needs room for "
                 "the one token each request generates",
             )
-        if self.hidden.layers:
-            if self.labels.extraction == "public":
-                yield "labels.extraction", "must be 'hook' or 'auto' when hidden.layers is set"
-            if self.teacher.engine_args.get("enforce_eager") is not True:
-                yield (
-                    "teacher.engine_args.enforce_eager",
-                    "must be true when hidden.layers is set (compiled graphs skip the layer hooks)",
-                )
+        # hidden.layers needs no enforce_eager: a compiled engine takes hidden states from the
+        # model's aux outputs where the model has them (vLLM's SupportsEagle3 models), which
+        # only the worker can tell; it refuses the others at start-up, naming enforce_eager.
+        if self.hidden.layers and self.labels.extraction == "public":
+            yield "labels.extraction", "must be 'hook' or 'auto' when hidden.layers is set"
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

@@ -124,7 +124,9 @@ def format_report(info: dict[str, Any]) -> str:
         f"shards      {t['shards']} ({t['bytes'] / MIB:.2f} MiB), {t['rows']} sequences, "
         f"{t['tokens']} tokens, {t['label_positions']} label positions",
         f"bytes/tok   {t['bytes'] / max(t['label_positions'], 1):.1f} per label position",
-        f"units       {len(m.units)} source(s)",
+        f"units       {len(m.units)} from {len(m.corpus.get('sources', []))} source(s)",
+        f"engine      busy {_busy(m.labeling['engine_busy_fraction'])} "
+        f"({m.labeling['engine_s']:.0f} s of {m.labeling['wall_s']:.0f} s of labeling)",
         f"rejected    {', '.join(f'{k}={v}' for k, v in m.rejected.items()) or 'none'}",
     ]
     if "entropy_nats" in info:
@@ -134,3 +136,7 @@ def format_report(info: dict[str, Any]) -> str:
             f"(over {info['sample_rows']} sampled sequences)"
         )
     return "\n".join(lines)
+
+
+def _busy(fraction: float | None) -> str:
+    return "n/a (not recorded)" if fraction is None else f"{fraction:.1%}"

@@ -28,7 +28,35 @@ import numpy as np
 from labelgen.labels import SequenceLabels
 from labelgen.spec import JobSpec
 
-__all__ = ["VllmTeacher"]
+__all__ = ["VllmTeacher", "aux_additional_config"]
+
+
+def aux_additional_config(user: Any, layers: list[int]) -> dict[str, Any]:
+    """vLLM's ``additional_config`` with labelgen's hidden-state layers, for a compiled engine.
+
+    ``{"labelgen": {"hidden_layers": [...]}}`` merged into the user's own (from
+    ``teacher.engine_args``). vLLM hashes ``additional_config`` into its compile cache key,
+    so a compiled model cached for another layer list is never loaded; the worker reads
+    it before the first forward (:func:`labelgen.extraction.install_aux_patch`) and makes
+    the model return those layers' residual streams from the compiled graph.
+    """
+    from labelgen.extraction import AUX_CONFIG_KEY
+
+    if user is None:
+        user = {}
+    if not isinstance(user, dict):
+        raise ValueError(
+            f"teacher.engine_args.additional_config must be a mapping when hidden.layers is set on a "
+            f"compiled engine, got {type(user).__name__}; use a mapping, or set "
+            "teacher.engine_args.enforce_eager: true"
+        )
+    section = user.get(AUX_CONFIG_KEY) or {}
+    if not isinstance(section, dict):
+        raise ValueError(
+            f"teacher.engine_args.additional_config.{AUX_CONFIG_KEY} must be a mapping, got "
+            f"{type(section).__name__}"
+        )
+    return {**user, AUX_CONFIG_KEY: {**section, "hidden_layers": sorted({int(x) for x in layers})}}
 
 
 class VllmTeacher:
@@ -52,6 +80,15 @@ class VllmTeacher:
             # prompt-logprobs step for the hook to replace; the CPU build always runs V1.
             # Ask for V1 (the engine's processes inherit this) unless the user chose.
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        if wants_hook and spec.hidden.layers and not engine_args.get("enforce_eager"):
+            engine_args["additional_config"] = aux_additional_config(
+                engine_args.get("additional_config"), spec.hidden.layers
+            )
+            from labelgen.extraction import install_aux_patch
+
+            # Workers forked from this process, or run in it, inherit the patch; spawned
+            # workers apply it when vLLM imports labelgen.extraction there.
+            install_aux_patch()
         self._llm = LLM(
             model=t.model,
             tokenizer=t.tokenizer or t.model,
@@ -72,6 +109,7 @@ class VllmTeacher:
         self._engine_args = engine_args
         self.extraction = "public"
         self._recorders: list[int] = []  # the worker(s) whose labelgen_fetch carries labels
+        self.hidden_capture = ""  # how the recording worker captures hidden states: hooks or aux
         if wants_hook:
             self.extraction = self._install_hook(spec)
         if self.extraction == "hook":
@@ -101,6 +139,7 @@ class VllmTeacher:
                     f"expected one worker of {len(installed)} to hold the full logits, got workers "
                     f"{self._recorders} (an engine layout the hook does not know)"
                 )
+            self.hidden_capture = str(installed[self._recorders[0]].get("hidden_capture", ""))
             return "hook"
         except Exception as exc:  # noqa: BLE001 - any failure means: use the public path
             self._recorders = []
@@ -202,6 +241,7 @@ class VllmTeacher:
             "hidden_size": int(config.get_hidden_size()),
             "engine_args": self._engine_args,
             "tensor_parallel_size": int(self._engine_args.get("tensor_parallel_size", 1)),
+            **({"hidden_capture": self.hidden_capture} if self._spec.hidden.layers else {}),
         }
 
     def close(self) -> None:

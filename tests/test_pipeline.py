@@ -93,17 +93,32 @@ def test_the_engine_does_not_wait_on_the_host():
     assert fractions[2] / fractions[0] > 2, fractions
 
 
-def test_the_clock_accumulates_and_reads_live():
+@pytest.mark.parametrize("depth", [0, 2])
+def test_the_clock_reads_live_and_never_above_one(depth):
     clock = EngineClock()
     assert clock.fraction() is None
     seen = []
 
-    def store(batch, labels):
-        seen.append(clock.wall_s)
+    def label(batch):
+        time.sleep(0.01)
+        return batch
 
-    run_overlapped(iter([[1], [2], [3]]), lambda b: b, store, clock=clock)
-    assert clock.fraction() is not None and 0 <= clock.fraction() <= 1
-    assert seen == sorted(seen) and seen[-1] <= clock.wall_s
+    def store(batch, labels):  # where the progress bar and the Ray driver read it
+        seen.append((clock.busy_s, clock.wall_s, clock.fraction()))
+
+    run_overlapped(iter([[1], [2], [3], [4]]), label, store, depth=depth, clock=clock)
+    assert all(busy <= wall and 0 < fraction <= 1 for busy, wall, fraction in seen), seen
+    assert [wall for _, wall, _ in seen] == sorted(wall for _, wall, _ in seen)
+    assert not clock.running and seen[-1][1] <= clock.wall_s
+    # A clock the caller started keeps running after the loop (the unit's last commit).
+    clock = EngineClock()
+    clock.start()
+    run_overlapped(iter([[1]]), label, lambda b, lab: None, depth=depth, clock=clock)
+    assert clock.running and clock.busy_s > 0
+    before = clock.wall_s
+    time.sleep(0.02)
+    clock.stop()
+    assert clock.wall_s >= before + 0.015 and not clock.running
 
 
 def test_a_job_overlapped_equals_the_serial_job_and_reports_the_busy_fraction(

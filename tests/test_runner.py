@@ -334,3 +334,21 @@ def test_a_changed_plan_is_refused_and_a_legacy_output_resumes_one_unit_per_sour
     b = read_manifest(str(out))
     assert [(s.path, s.rows, s.sha256) for s in b.shards] == [(s.path, s.rows, s.sha256) for s in ref.shards]
     assert b.corpus["sources"] == ref.corpus["sources"] and len(b.units) == 2
+
+
+def test_a_split_job_that_lost_its_plan_record_is_refused_not_finished_short(
+    teacher_dir, big_corpus, tmp_path
+):
+    """Without plan.json an output counts as one unit per source only if its records say so:
+    a split job's records (parts, unit numbers past the sources) are refused by name."""
+    from labelgen.contract.commits import PLAN_RECORD, CommitLog
+
+    spec = split_job(teacher_dir, big_corpus, tmp_path / "out")
+    with pytest.raises(Crash):
+        run_job(spec, show_progress=False, teacher_factory=lambda s: CrashingTeacher(s.labels.k, 6))
+    log = CommitLog.at(spec.output.url)
+    assert log.units(), "some parts finished before the crash"
+    Path(log.path(PLAN_RECORD)).unlink()
+    with pytest.raises(JobError, match=rf"has no .*{PLAN_RECORD} but its commit records are not one unit"):
+        run_job(spec, show_progress=False, teacher_factory=lambda s: FakeTeacher(s.labels.k))
+    assert not (tmp_path / "out" / "manifest.json").exists()

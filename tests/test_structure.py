@@ -168,7 +168,12 @@ def _importers(*libraries: str) -> set[str]:
 
 def test_vllm_and_ray_are_each_imported_in_one_module():
     for library, home in (("vllm", "labelgen.teacher_vllm"), ("ray", "labelgen.cluster")):
-        assert _importers(library) == {home}, library
+        # The worker extension also names the vLLM runner class it patches, inside vLLM's
+        # worker (labelgen.extraction.install_aux_patch); it imports nothing else of vLLM.
+        allowed = {home, "labelgen.extraction"} if library == "vllm" else {home}
+        assert home in _importers(library) <= allowed, library
+    source = (Path(__file__).parent.parent / "labelgen" / "extraction.py").read_text()
+    assert source.count("from vllm") == 1 and "import vllm" not in source
 
 
 def _code_strings(path: Path) -> Iterator[tuple[int, str]]:

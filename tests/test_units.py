@@ -227,3 +227,48 @@ def test_an_overlong_paragraph_in_a_part_is_too_long_and_not_held(tmp_path, monk
     ]
     for cut in range(source.size + 1):
         assert read_tiled(source, s, [cut]) == whole, cut
+
+
+def test_a_parquet_file_without_row_groups_is_one_unit(tmp_path):
+    path = tmp_path / "empty.parquet"
+    pq.ParquetWriter(str(path), pa.schema([("text", pa.string())])).close()
+    s = spec(sources=[str(path)], unit_mib=1e-6)
+    (unit,) = plan_units(resolve_sources(s), s)
+    assert unit.whole and list(read_unit(unit, s)) == []
+
+
+def test_sample_id_prefixes_of_different_sources_never_coincide(tmp_path):
+    """A part of x.jsonl numbers its ids from 'x.jsonl@0'; a source named so is refused."""
+    from labelgen.corpus import CorpusError
+
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(400)))
+    (tmp_path / "x.jsonl@0").write_text(json.dumps({"text": "other"}) + "\n")
+    s = spec(sources=[str(tmp_path / "x.jsonl*")], format="jsonl", unit_mib=2000 / MIB)
+    with pytest.raises(CorpusError, match=r"would start with 'x.jsonl@0'.*rename one of them"):
+        plan_units(resolve_sources(s), s)
+    (tmp_path / "x.jsonl@0").rename(tmp_path / "x.jsonl-b")
+    units = plan_units(resolve_sources(s), s)
+    assert len({u.sample_prefix for u in units}) == len(units) > 2
+
+
+def test_a_paragraph_file_without_blank_lines_is_not_read_once_per_part(tmp_path, monkeypatch):
+    """Parts where no paragraph begins stop at their end instead of scanning to the file's."""
+    import labelgen.corpus as corpus
+
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"a line of a log without blank lines\n" * 3000)  # ~108 kB, one paragraph
+    s = spec(sources=[str(path)], max_record_chars=1000, unit_mib=10_000 / MIB)
+    units = plan_units(resolve_sources(s), s)
+    assert len(units) >= 10
+    consumed = []
+    real = corpus._lines_at
+
+    def counting(*args, **kwargs):
+        for line in real(*args, **kwargs):
+            consumed.append(len(line[0] or b""))
+            yield line
+
+    monkeypatch.setattr(corpus, "_lines_at", counting)
+    found = [items_of(read_unit(u, s)) for u in units]
+    assert found[0] == [("rejected", "too_long")] and all(f == [] for f in found[1:])
+    assert sum(consumed) <= 2.5 * path.stat().st_size, "each part reads about its own bytes"

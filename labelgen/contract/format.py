@@ -61,6 +61,7 @@ __all__ = [
     "ShardRecord",
     "UnitRecord",
     "Manifest",
+    "busy_fraction",
     "token_hash",
     "tokenizer_fingerprint",
     "check_format_version",
@@ -303,6 +304,11 @@ class UnitRecord:
         return parse_record(cls, data, where)
 
 
+def busy_fraction(engine_s: float, wall_s: float) -> float | None:
+    """The engine busy fraction: engine seconds over wall seconds (None without wall time)."""
+    return round(engine_s / wall_s, 4) if wall_s > 0 else None
+
+
 @dataclass
 class Manifest:
     """The index of a complete label dataset; written last."""
@@ -343,7 +349,7 @@ class Manifest:
         return {
             "engine_s": round(engine, 3),
             "wall_s": round(wall, 3),
-            "engine_busy_fraction": round(engine / wall, 4) if wall > 0 else None,
+            "engine_busy_fraction": busy_fraction(engine, wall),
         }
 
     @property
@@ -368,8 +374,8 @@ class Manifest:
         """Parse a manifest; any text that is not a manifest this reader can trust raises
         FormatError naming ``where`` (and the field), never another exception.
 
-        Keys the manifest does not define are ignored (``totals`` and ``rejected`` are
-        recomputed): a later minor format version may add fields. Fields are type-checked
+        Keys the manifest does not define are ignored (``totals``, ``rejected`` and
+        ``labeling`` are recomputed): a later minor format version may add fields. Fields are type-checked
         (:func:`parse_record`), shard paths must stay inside the dataset
         (:func:`check_dataset_path`), and k, the codec and the products must be ones this
         reader can decode (:func:`check_layout`).
