@@ -409,6 +409,7 @@ def _extract_prompt_labels(runner, hidden_states, num_scheduled_tokens) -> dict:
 
     state: _State = runner._labelgen_state
     if not state.active:
+        state.step_layers.clear()  # nothing of this step is kept
         return state.original(hidden_states, num_scheduled_tokens)
     opt = state.options
     for req_id in list(runner.num_prompt_logprobs):
@@ -508,6 +509,11 @@ class LabelExtractor:
         opt = ExtractionOptions(**{**options, "layers": tuple(options.get("layers", ()))})
         if not opt.logits_budget_mib > 0:
             raise ValueError(f"labels.logits_budget_mib must be > 0, got {opt.logits_budget_mib}")
+        if opt.logits_only and (opt.draws or opt.layers):
+            raise ValueError(
+                f"logits_only (a benchmark bound that stores nothing) cannot have draws ({opt.draws}) or "
+                f"hidden layers ({list(opt.layers)}); set draws=0 and no layers"
+            )
         runner = self.model_runner  # type: ignore[attr-defined]
         model = runner.get_model()
         previous: _State | None = getattr(runner, "_labelgen_state", None)
@@ -659,7 +665,11 @@ def hidden_capture(
     missing = [layer for layer in needed if layer not in (aux_layers or ())]
     if not missing:
         return "aux"
-    reason = f"the engine set up aux outputs for layers {list(aux_layers)} only" if aux_layers else why_no_aux
+    reason = (
+        f"the engine set up aux outputs for layers {list(aux_layers)} only"
+        if aux_layers is not None
+        else why_no_aux
+    )
     raise ValueError(
         f"hidden.layers {list(layers)}: layers {missing} need the model's aux hidden-state outputs on a "
         f"compiled engine (forward hooks do not run in compiled graphs), and {reason}; set "
@@ -711,6 +721,15 @@ def setup_aux_layers(runner) -> tuple[int, ...] | None:
         runner._labelgen_aux_why_not = (
             f"{type(model).__name__} has no aux hidden-state outputs (it is not one of vLLM's "
             "SupportsEagle3 models)"
+        )
+        return None
+    if not hasattr(getattr(model, "model", None), "_maybe_add_hidden_state"):
+        # vLLM 0.32's EagleModelMixin numbers aux outputs as labelgen does (0 = embeddings,
+        # i = after layer i, absolute under pipeline parallelism); stacks with their own
+        # aux code (DeepSeek-V2/V3, older vLLMs) number them otherwise, or fail on layer 0.
+        runner._labelgen_aux_why_not = (
+            f"{type(model).__name__}'s decoder stack does not use vLLM's EagleModelMixin, whose layer "
+            "numbering labelgen relies on"
         )
         return None
     try:

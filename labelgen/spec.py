@@ -200,9 +200,10 @@ class HiddenSpec:
     """Hidden-state layers to sample (HF numbering: 0 = embeddings, i = output of decoder
     layer i; the last one is after the final norm, as in transformers). Empty = off.
     On a compiled engine (the default) they come from the model's auxiliary hidden-state
-    outputs, which vLLM's EAGLE-3 capable models have (Llama, Qwen2 and others); the
-    engine refuses other models at start-up: set ``teacher.engine_args.enforce_eager:
-    true`` for those (forward hooks, no compiled graphs)."""
+    outputs, which vLLM's EAGLE-3 capable models have (Llama, Qwen2 and others); for
+    other models the hook refuses to install once the engine has started (after its
+    compile): set ``teacher.engine_args.enforce_eager: true`` for those (forward hooks,
+    no compiled graphs)."""
     every: int = 16
     """One sampled position every this many tokens (seeded phase per sequence)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"

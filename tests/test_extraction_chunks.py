@@ -366,6 +366,7 @@ class _AuxModel:
     def __init__(self, num_layers: int = 4, start_layer: int = 0, end_layer: int | None = None):
         self.model = SimpleNamespace(layers=[torch.nn.Identity() for _ in range(num_layers)])
         self.model.start_layer, self.model.end_layer = start_layer, end_layer or num_layers
+        self.model._maybe_add_hidden_state = lambda *args: None  # vLLM's EagleModelMixin numbering
         self.lm_head = SimpleNamespace(tp_rank=0)
         self.aux: tuple[int, ...] = ()
 
@@ -430,6 +431,20 @@ def test_compiled_engine_without_aux_outputs_refuses_hidden_layers():
     bare = _CompiledWorker(_AuxModel(), layers=None)
     with pytest.raises(ValueError, match="started without additional_config.labelgen.hidden_layers"):
         bare.labelgen_install({"k": 4, "layers": [2]})
+    # A SupportsEagle3 model with its own aux code (DeepSeek-V2/V3, vLLMs before 0.32) numbers
+    # its outputs otherwise (and fails on layer 0): refused before anything is compiled.
+    own = _AuxModel()
+    del own.model._maybe_add_hidden_state
+    worker = _CompiledWorker(own)
+    assert worker.aux is None and own.aux == ()
+    with pytest.raises(ValueError, match="does not use vLLM's EagleModelMixin.*enforce_eager: true"):
+        worker.labelgen_install({"k": 4, "layers": [0]})
+
+
+def test_logits_only_refuses_products_it_would_not_store():
+    worker = _CompiledWorker(_AuxModel())
+    with pytest.raises(ValueError, match=r"logits_only .* cannot have draws \(4\)"):
+        worker.labelgen_install({"k": 4, "draws": 4, "logits_only": True})
 
 
 def test_aux_layers_under_pipeline_parallelism_are_the_last_stage_s_own():
@@ -532,8 +547,9 @@ def test_the_teacher_asks_vllm_for_the_model_runner_the_hook_replaces(monkeypatc
     fake.__version__, fake.LLM, fake.SamplingParams = "0.32.0", RecordingLLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
     for chosen, expected in ((None, "0"), ("1", "1")):
-        if chosen is None:
-            monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        if chosen is None:  # set first, so that monkeypatch restores the real value afterwards
+            monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "unset")
+            monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
         else:
             monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", chosen)
         assert VllmTeacher(_spec(extraction="hook")).extraction == "hook"
@@ -555,6 +571,10 @@ def test_the_teacher_gives_a_compiled_engine_its_hidden_layers(monkeypatch):
     fake = types.ModuleType("vllm")
     fake.__version__, fake.LLM, fake.SamplingParams = "0.32.0", RecordingLLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    patched = []  # the real patch would change vLLM's runner class for the whole session
+    monkeypatch.setattr("labelgen.extraction.install_aux_patch", lambda: patched.append(True) or True)
+    for name in ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_LOGGING_LEVEL"):  # restored afterwards
+        monkeypatch.setenv(name, "0" if "RUNNER" in name else "WARNING")
     hidden = {"layers": [2, 1], "every": 4}
     spec = load_config(
         JobSpec,
@@ -568,7 +588,7 @@ def test_the_teacher_gives_a_compiled_engine_its_hidden_layers(monkeypatch):
     )
     teacher = VllmTeacher(spec)
     assert seen[-1]["additional_config"] == {"a": 1, "labelgen": {"hidden_layers": [1, 2]}}
-    assert teacher.hidden_capture == "aux"
+    assert teacher.hidden_capture == "aux" and patched, "the driver patches before the engine forks"
     eager = load_config(
         JobSpec,
         make_spec(
