@@ -595,12 +595,19 @@ def _logits_dtype(model_config):
         return model_config.dtype
 
 
+def stage_lowest_layer(start_layer: int) -> int:
+    """The lowest hidden-state layer (HF numbering) a pipeline stage whose first decoder
+    layer is ``start_layer`` computes: 0 (the embeddings) on the first stage, else the
+    output of its first decoder layer. The stage's layers are this .. num_layers."""
+    return start_layer + 1 if start_layer else 0
+
+
 def _check_stage_layers(layers: tuple[int, ...], start_layer: int, num_layers: int) -> None:
     """Hidden-state layers must be computed on this (the last) pipeline stage.
 
     HF layer ``i >= 1`` is the output of decoder layer ``i - 1``; layer 0 (the embeddings)
     exists only on the first stage. The stage holds decoder layers ``start_layer ..``."""
-    lowest = start_layer + 1 if start_layer else 0
+    lowest = stage_lowest_layer(start_layer)
     for layer_id in layers:
         if not 0 <= layer_id <= num_layers:
             raise ValueError(f"hidden-state layer {layer_id} is out of range 0..{num_layers}")
@@ -742,7 +749,8 @@ def setup_aux_layers(runner) -> tuple[int, ...] | None:
         runner._labelgen_aux_why_not = "an earlier pipeline stage keeps no hidden states"
         return None
     start = int(getattr(model.model, "start_layer", 0) or 0)
-    aux = tuple(sorted({layer for layer in wanted if start < layer < num_layers or layer == start == 0}))
+    lowest = stage_lowest_layer(start)  # layer num_layers is the final hidden states: no aux output
+    aux = tuple(sorted({layer for layer in wanted if lowest <= layer < num_layers}))
     if aux:
         try:
             model.set_aux_hidden_state_layers(aux)
