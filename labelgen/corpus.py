@@ -39,11 +39,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import fsspec
+import fsspec.utils
 
 from labelgen.spec import CHAT_ROLES, CorpusSpec
 
 __all__ = [
     "REJECTION_REASONS",
+    "COMPRESSED_SUFFIXES",
+    "byte_splittable",
     "CHAT_ROLES",
     "Source",
     "Record",
@@ -712,6 +715,21 @@ _PART_READERS = {
 }
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zip", ".zst", ".zstd", ".lz4")
+"""Compressed names, whatever fsspec has registered on this machine, so that which files
+can be split does not depend on the compression libraries installed."""
+
+
+def byte_splittable(source: Source, spec: CorpusSpec) -> bool:
+    """Whether a source can be read in byte ranges (:func:`read_source` with ``part``): an
+    uncompressed jsonl or text file, not read whole (``text_split: file``). A compressed
+    stream cannot be entered mid-way."""
+    if source.format not in ("jsonl", "text") or (source.format == "text" and spec.text_split == "file"):
+        return False
+    name = source.url.lower()
+    return not (name.endswith(COMPRESSED_SUFFIXES) or fsspec.utils.infer_compression(name) is not None)
+
+
 def read_source(
     source: Source, spec: CorpusSpec, part: tuple[int, int] | None = None
 ) -> Iterator[Record | Rejected]:
@@ -730,6 +748,11 @@ def read_source(
         SourceError: the source broke while being read (names the file and the last
             record read); records read before it were already yielded.
     """
+    if part is not None and source.format in ("jsonl", "text") and not byte_splittable(source, spec):
+        raise CorpusError(
+            f"{source.url} cannot be read in byte ranges (compressed, or text_split: file); "
+            "read it whole (part=None)"
+        )
     last = -1
     where = "" if part is None else f" (work unit range [{part[0]}, {part[1]}))"
     try:

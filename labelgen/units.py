@@ -20,7 +20,8 @@ executor of a job (any number of replicas) finds the same units:
   ``arrow_files``) the same way;
 - compressed streams (any compression fsspec infers from the name, and ``.zst`` /
   ``.lz4`` whatever is installed) cannot be entered mid-way and stay one unit, and so
-  do text files read whole (``text_split: file``).
+  do text files read whole (``text_split: file``): the rule is
+  :func:`labelgen.corpus.byte_splittable`, next to the readers that rely on it.
 
 Packing restarts in every unit (a sequence never spans two), and a unit's sample ids
 start with :attr:`WorkUnit.sample_prefix`: the source's name for whole files and
@@ -38,8 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 
-import fsspec.utils
-
 from labelgen.contract.commits import PlannedUnit, PlanRecord
 from labelgen.contract.storage import MIB
 from labelgen.corpus import (
@@ -47,6 +46,7 @@ from labelgen.corpus import (
     Record,
     Rejected,
     Source,
+    byte_splittable,
     bytes_sha256,
     files_sha256,
     hf_files,
@@ -75,10 +75,6 @@ or text file, row groups of a Parquet file, Arrow files of a saved dataset."""
 MAX_UNITS = 99_999
 """Units a job may have: shard names number units with 5 digits, so lexical order is
 (unit, shard) order."""
-
-_COMPRESSED = (".gz", ".bz2", ".xz", ".lzma", ".zip", ".zst", ".zstd", ".lz4")
-"""Compressed names whatever fsspec has registered on this machine, so the plan does not
-depend on which compression libraries are installed."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +129,6 @@ def _whole(index: int, source: Source) -> WorkUnit:
     return WorkUnit(index, source, 0, 1, "file", 0, source.size, source.size)
 
 
-def _compressed(source: Source) -> bool:
-    name = source.url.lower()
-    return name.endswith(_COMPRESSED) or fsspec.utils.infer_compression(name) is not None
-
-
 def _gather(sizes: list[int], target: int) -> list[tuple[int, int]]:
     """Consecutive items ``[start, stop)`` gathered while their sizes fit in ``target``
     (an item larger than it alone)."""
@@ -156,7 +147,7 @@ def _parts(source: Source, spec: CorpusSpec, target: int) -> list[tuple[str, int
     """(kind, start, stop, size, offset, first record) of each part of a source larger
     than ``target`` bytes; empty if it stays whole."""
     if source.format in ("jsonl", "text"):
-        if _compressed(source) or (source.format == "text" and spec.text_split == "file"):
+        if not byte_splittable(source, spec):
             return []
         n = math.ceil(source.size / target)
         cuts = [source.size * i // n for i in range(n + 1)]

@@ -272,3 +272,26 @@ def test_a_paragraph_file_without_blank_lines_is_not_read_once_per_part(tmp_path
     found = [items_of(read_unit(u, s)) for u in units]
     assert found[0] == [("rejected", "too_long")] and all(f == [] for f in found[1:])
     assert sum(consumed) <= 2.5 * path.stat().st_size, "each part reads about its own bytes"
+
+
+def test_byte_ranges_cut_inside_multibyte_characters_tile_the_file(tmp_path):
+    """Cuts fall inside 2-, 3- and 4-byte UTF-8 characters; every record is still read once."""
+    texts = ["café au lait", "漢字とかな", "emoji 🎉🎈 party", "ascii", "ünïcödé ñ", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]
+    jsonl = tmp_path / "u.jsonl"
+    jsonl.write_bytes(b"".join(json.dumps({"text": t}, ensure_ascii=False).encode() + b"\n" for t in texts))
+    check_every_tiling(jsonl)
+    text = tmp_path / "u.txt"
+    text.write_bytes("\n\n".join(texts).encode())
+    check_every_tiling(text, text_split="paragraph")
+    check_every_tiling(text, text_split="line")
+
+
+def test_compressed_and_whole_read_sources_are_not_read_in_byte_ranges(tmp_path):
+    from labelgen.corpus import CorpusError, byte_splittable
+
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(JSONL))
+    s, source, _ = whole_and_source(path)
+    assert not byte_splittable(source, s)
+    with pytest.raises(CorpusError, match="cannot be read in byte ranges"):
+        list(read_source(source, s, (0, 10)))
