@@ -35,11 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output.url=/tmp/x")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = sub.add_parser("run-ray", help="run a labeling job on a Ray cluster (the driver; re-run to resume)")
+    p = sub.add_parser(
+        "generate",
+        help="run a generation job on this machine: the teacher writes, checks and labels (re-run to resume)",
+    )
+    p.add_argument("spec", help="job spec YAML with a generate: section")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. generate.n=8")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser(
+        "run-ray", help="run a labeling or generation job on a Ray cluster (the driver; re-run to resume)"
+    )
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.replicas=4")
     p.add_argument("--address", default=None, help="Ray cluster (default: the job's cluster or a local one)")
-    p = sub.add_parser("submit", help="submit a labeling job to a Ray cluster; prints the job id")
+    p = sub.add_parser(
+        "submit", help="submit a labeling or generation job to a Ray cluster; prints the job id"
+    )
     p.add_argument("spec", help="job spec YAML (paths in it are read on the cluster)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.replicas=4")
     _address(p)
@@ -101,7 +112,23 @@ def _validate(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     print(f"{args.spec}: OK (spec sha256 {spec.content_hash()[:16]}…)")
-    print(f"  teacher {spec.teacher.model}, k={spec.labels.k}, seq_len={spec.packing.seq_len}")
+    gen = spec.generate
+    if gen is None:
+        print(
+            f"  labeling job (labelgen run): teacher {spec.teacher.model}, k={spec.labels.k}, "
+            f"seq_len={spec.packing.seq_len}"
+        )
+    else:
+        from labelgen.checks import Checker
+
+        Checker(gen)  # the user's check and score import
+        checks = [name for name, on in _checks_on(gen) if on]
+        labels = f"top-{spec.labels.k} labels of kept samples" if gen.labels else "no labels"
+        print(
+            f"  generation job (labelgen generate): teacher {spec.teacher.model}, n={gen.n}, "
+            f"temperature={gen.temperature}, max_tokens={gen.max_tokens}, keep={gen.keep}, {labels}"
+        )
+        print(f"  checks: {', '.join(checks) or 'none'}")
     print(f"  top-k codec {spec.labels.codec}: {get_codec(spec.labels.codec).summary}")
     print(f"  {len(spec.corpus.sources)} corpus pattern(s) → {spec.output.url}")
     gpus = spec.cluster.gpus_per_replica
@@ -110,12 +137,32 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checks_on(gen) -> list[tuple[str, bool]]:
+    c = gen.checks
+    return [
+        ("finished", c.finished),
+        (f"length >= {c.min_tokens}" + (f", <= {c.max_tokens}" if c.max_tokens else ""), True),
+        ("format", c.format is not None),
+        (
+            f"reference ({c.reference.field}, {c.reference.extract})" if c.reference else "reference",
+            bool(c.reference),
+        ),
+        (f"user {c.user}", c.user is not None),
+        (f"dedup {c.dedup}", c.dedup != "none"),
+    ]
+
+
 def _run(args: argparse.Namespace) -> int:
     from labelgen.contract.storage import MIB
-    from labelgen.runner import run_job
+    from labelgen.runner import JobError, run_job
     from labelgen.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)
+    if spec.generate is not None:
+        raise JobError(
+            f"{args.spec} has a generate: section, so it is a generation job; run it with "
+            f"`labelgen generate {args.spec}` (or remove the section to label the corpus as it is)"
+        )
     manifest = run_job(spec, show_progress=not args.no_progress)
     t = manifest.totals
     print(
@@ -129,6 +176,38 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from labelgen.runner import JobError, run_job
+    from labelgen.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if spec.generate is None:
+        raise JobError(
+            f"{args.spec} has no generate: section, so there is nothing to generate; add one "
+            f"(docs/GENERATE.md), or label the corpus with `labelgen run {args.spec}`"
+        )
+    manifest = run_job(spec, show_progress=not args.no_progress)
+    print(_generation_summary(manifest, spec.output.url))
+    return 0
+
+
+def _generation_summary(manifest, url: str) -> str:
+    gen = manifest.generation
+    stats, totals = gen["stats"], gen["totals"]
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.get("rejected", {}).items())) or "none"
+    labels = (
+        f"; labels: {manifest.totals['rows']} sequences / {manifest.totals['label_positions']} positions"
+        if gen.get("labels")
+        else ""
+    )
+    return (
+        f"generated {stats['samples']} sample(s) for {stats['prompts']} prompt(s), kept {stats['kept']} "
+        f"(pass@1 {stats['pass@1']:.3f}, pass@{gen['sampling']['n']} {stats['pass@n']:.3f}) into "
+        f"{totals['shards']} shard(s) at {url}{labels}; rejected samples: {reasons}; rejected prompts: "
+        f"{', '.join(f'{k}={v}' for k, v in manifest.rejected.items()) or 'none'}"
+    )
+
+
 def _run_ray(args: argparse.Namespace) -> int:
     from labelgen.cluster import run_job_ray
     from labelgen.spec import load_spec
@@ -139,6 +218,9 @@ def _run_ray(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     manifest = run_job_ray(spec, address=args.address)
     t = manifest.totals
+    if spec.generate is not None:
+        print(_generation_summary(manifest, spec.output.url), flush=True)
+        return 0
     print(
         f"labeled {t['rows']} sequences / {t['tokens']} tokens into {t['shards']} shard(s) at "
         f"{spec.output.url} with {spec.cluster.replicas} replica(s)",
@@ -207,6 +289,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from labelgen.checks import CheckError
     from labelgen.contract.configs import ConfigError, parse_cli_args
     from labelgen.contract.format import FormatError
     from labelgen.corpus import CorpusError
@@ -217,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "validate": _validate,
         "run": _run,
+        "generate": _generate,
         "run-ray": _run_ray,
         "submit": _submit,
         "status": _status,
@@ -232,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         handler = commands.run
     USER_ERRORS = commands.USER_ERRORS  # noqa: N806
 
+    user_errors = (ConfigError, CorpusError, ModelPathError, FormatError, CredentialError, CheckError)
     try:
         return handler(args)
-    except (ConfigError, CorpusError, ModelPathError, FormatError, CredentialError, *USER_ERRORS) as exc:
+    except (*user_errors, *USER_ERRORS) as exc:
         print(f"labelgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

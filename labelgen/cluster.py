@@ -4,7 +4,7 @@
 runner (:func:`labelgen.runner.plan_job`: the same work units, sources or parts of
 them, :mod:`labelgen.units`), starts ``cluster.replicas`` teacher replicas (Ray actors,
 each owning one vLLM engine on ``gpus_per_replica`` GPUs) and hands each idle replica
-the next pending work unit. A replica runs the same :func:`labelgen.runner.run_unit`
+the next pending work unit. A replica runs the same :func:`labelgen.runner.run_work_unit`
 as the local runner, after reading the unit's commit records itself, so a unit retried
 after its replica died resumes after its committed shards: nothing is lost and nothing
 is written twice. When a replica dies the driver logs it, starts a replacement and puts
@@ -38,7 +38,7 @@ from labelgen.contract.commits import CommitLog
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, UnitRecord, join_url
 from labelgen.progress import PROGRESS_NAME, JobProgress, UnitProgress, format_progress
 from labelgen.provenance import load_tokenizer
-from labelgen.runner import JobError, finish_job, plan_job, record_teacher, run_unit
+from labelgen.runner import JobError, finish_job, plan_job, record_teacher, run_work_unit
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
 from labelgen.units import WorkUnit
@@ -84,9 +84,10 @@ class _Replica:
         return {"pid": os.getpid(), "provenance": self.teacher.provenance()}
 
     def run(self, unit: WorkUnit) -> tuple[UnitRecord, int]:
-        """Label one unit after its committed shards; returns its record and the tokens labeled now."""
-        committed = CommitLog.at(self.spec.output.url).shards(unit.index)
-        record = run_unit(self.spec, unit, self.tokenizer, self.teacher, committed, self.progress)
+        """Label (or generate) one unit after its committed shards; returns its record and the
+        tokens labeled now."""
+        commits = CommitLog.at(self.spec.output.url)
+        record = run_work_unit(self.spec, unit, self.tokenizer, self.teacher, commits, self.progress)
         return record, self.progress.tokens
 
     def snapshot(self) -> dict[str, Any]:

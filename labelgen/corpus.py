@@ -31,6 +31,7 @@ later, mid-read, raises :class:`SourceError` naming the file and the record reac
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -50,6 +51,7 @@ __all__ = [
     "CHAT_ROLES",
     "Source",
     "Record",
+    "PromptCorpus",
     "Rejected",
     "CorpusError",
     "SourceError",
@@ -75,11 +77,15 @@ REJECTION_REASONS = {
     "bad_message": "a chat message is not a mapping of string 'role' and 'content' (and plain JSON)",
     "unknown_role": "a chat message's role is not one of corpus.chat_roles",
     "too_many_messages": "a chat has more than corpus.max_messages messages",
-    "empty_text": "the text (or every assistant turn) is blank",
+    "empty_text": "the text (or every assistant turn; for a prompt, the prompt) is blank",
+    "bad_prompt_ids": "a prompt's token ids are not a non-empty list of integers in [0, 2**31)",
+    "bad_field": "a carried field (generate's reference field) is not plain JSON data",
     "too_long": "the record is longer than corpus.max_record_chars",
     "chat_template_error": "the tokenizer's chat template refused the conversation",
     "chat_not_prefix": "the chat template does not render the conversation's turns as prefixes",
     "too_short": "a packed sequence is shorter than packing.min_tokens",
+    "no_reference": "a prompt has no value in the reference check's field (generate.checks.reference.field)",
+    "prompt_too_long": "a prompt leaves no room for generate.max_tokens within the engine's max_model_len",
 }
 """Every reason a record (or a packed sequence) is left out, as counted in the manifest."""
 
@@ -113,6 +119,25 @@ class Record:
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
     progress: int = 0  # bytes of the source (part) consumed so far (approximate for parquet/hf)
+    prompt_ids: list[int] | None = None  # a tokenized prompt (PromptCorpus.prompt_ids_field)
+    fields: dict[str, Any] | None = None  # the record's PromptCorpus.carry fields that are present
+
+
+@dataclass(frozen=True)
+class PromptCorpus(CorpusSpec):
+    """A corpus read as prompts, for generation (``labelgen generate``; built from the job
+    spec's ``corpus`` and ``generate`` sections by :func:`labelgen.prompts.prompt_corpus`).
+
+    A record's prompt is, in this order of preference: its ``messages_field`` chat (up to
+    the last non-assistant message: trailing assistant turns are the answers, not the
+    prompt), its ``prompt_ids_field`` token ids, or its ``prompt_field`` text; a text
+    file's records (lines, paragraphs) are text prompts. The ``carry`` fields (the
+    reference answer, ...) come along in :attr:`Record.fields` when present.
+    """
+
+    prompt_field: str = "prompt"
+    prompt_ids_field: str | None = None
+    carry: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -274,10 +299,13 @@ def _plain_chars(value: Any) -> int | None:
     return chars
 
 
-def _check_messages(index: int, value: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
+def _check_messages(
+    index: int, value: Any, spec: CorpusSpec, progress: int, prompt: bool = False
+) -> Record | Rejected:
     """A chat record of clean messages: a string ``role`` of ``corpus.chat_roles``, a string
     ``content``, and other keys (``name``, ``tool_calls``, ...) kept when they hold plain JSON
-    data (dropped when null)."""
+    data (dropped when null). With ``prompt``, the chat is a prompt: trailing assistant
+    messages are dropped and what is left must not be blank."""
     if not isinstance(value, list) or not value:
         return Rejected(index, "wrong_type", progress)
     if len(value) > spec.max_messages:
@@ -303,14 +331,60 @@ def _check_messages(index: int, value: Any, spec: CorpusSpec, progress: int) -> 
         if not _clean(content):
             return Rejected(index, "invalid_text", progress)
         messages.append({"role": role, "content": content, **others})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if prompt:
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not any(m["content"].strip() for m in messages):
+            return Rejected(index, "empty_text", progress)
+    elif not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return Rejected(index, "empty_text", progress)
     return Record(index, messages=messages, progress=progress)
+
+
+_MAX_TOKEN_ID = 1 << 31
+
+
+def _check_prompt_ids(index: int, value: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(type(t) is int and 0 <= t < _MAX_TOKEN_ID for t in value)
+    ):
+        return Rejected(index, "bad_prompt_ids", progress)
+    if len(value) > spec.max_record_chars:
+        return Rejected(index, "too_long", progress)
+    return Record(index, prompt_ids=list(value), progress=progress)
+
+
+def _prompt_from_mapping(
+    index: int, row: dict[str, Any], spec: PromptCorpus, progress: int
+) -> Record | Rejected:
+    """A prompt record (see :class:`PromptCorpus`) with its carried fields."""
+    item: Record | Rejected
+    if spec.messages_field and row.get(spec.messages_field) is not None:
+        item = _check_messages(index, row[spec.messages_field], spec, progress, prompt=True)
+    elif spec.prompt_ids_field and row.get(spec.prompt_ids_field) is not None:
+        item = _check_prompt_ids(index, row[spec.prompt_ids_field], spec, progress)
+    elif row.get(spec.prompt_field) is not None:
+        item = _check_text(index, row[spec.prompt_field], spec.max_record_chars, progress)
+    else:
+        return Rejected(index, "missing_field", progress)
+    if isinstance(item, Rejected):
+        return item
+    fields = {name: row[name] for name in spec.carry if row.get(name) is not None}
+    size = _plain_chars(fields)
+    if size is None:
+        return Rejected(index, "bad_field", progress)
+    if size > spec.max_record_chars:
+        return Rejected(index, "too_long", progress)
+    return dataclasses.replace(item, fields=fields)
 
 
 def _from_mapping(index: int, row: Any, spec: CorpusSpec, progress: int) -> Record | Rejected:
     if not isinstance(row, dict):
         return Rejected(index, "malformed_json", progress)
+    if isinstance(spec, PromptCorpus):
+        return _prompt_from_mapping(index, row, spec, progress)
     if spec.messages_field and row.get(spec.messages_field) is not None:
         return _check_messages(index, row[spec.messages_field], spec, progress)
     if spec.text_field not in row or row[spec.text_field] is None:
@@ -541,8 +615,37 @@ def _read_rows(rows: Iterator[dict[str, Any]], total: int, source: Source, spec:
         yield _from_mapping(index, row, spec, progress)
 
 
+def content_columns(spec: CorpusSpec) -> list[str]:
+    """The fields a record's content may be in: text_field and messages_field; for a
+    :class:`PromptCorpus`, messages_field, prompt_ids_field and prompt_field."""
+    if isinstance(spec, PromptCorpus):
+        wanted = (spec.messages_field, spec.prompt_ids_field, spec.prompt_field)
+    else:
+        wanted = (spec.text_field, spec.messages_field)
+    return [c for c in wanted if c]
+
+
+def _record_columns(spec: CorpusSpec) -> list[str]:
+    """The columns a reader selects: the content columns and the carried fields."""
+    carry = spec.carry if isinstance(spec, PromptCorpus) else ()
+    return list(dict.fromkeys([*content_columns(spec), *carry]))
+
+
 def _parquet_columns(names: list[str], spec: CorpusSpec) -> list[str]:
-    return [c for c in (spec.text_field, spec.messages_field) if c and c in names]
+    """The columns of a file (``names``) to read; empty when it has no content column."""
+    if not any(c in names for c in content_columns(spec)):
+        return []
+    return [c for c in _record_columns(spec) if c in names]
+
+
+def _missing_content(names: list[str], spec: CorpusSpec) -> str:
+    """Why a file with columns ``names`` has nothing to read, and the fix."""
+    wanted = " or ".join(repr(c) for c in content_columns(spec))
+    fields = "generate.prompt_field (or corpus.messages_field, generate.prompt_ids_field)"
+    if not isinstance(spec, PromptCorpus):
+        fields = "corpus.text_field (or corpus.messages_field)"
+    listed = ", ".join(names) or "none"
+    return f"has no column {wanted} (columns: {listed}); set {fields} to the column holding it"
 
 
 def _read_parquet(source: Source, spec: CorpusSpec) -> Iterator[Record | Rejected]:
@@ -678,7 +781,7 @@ def _hf_batches(url: str, columns: list[str] | None) -> Iterator[tuple[Any, int]
 
 
 def _hf_records(files: list[tuple[str, int]], total: int, spec: CorpusSpec) -> Iterator[Record | Rejected]:
-    columns = [c for c in (spec.text_field, spec.messages_field) if c]
+    columns = _record_columns(spec)
     index = done = 0
     for url, size in files:
         for batch, read in _hf_batches(url, columns):
@@ -790,11 +893,7 @@ def _check_parquet(source: Source, spec: CorpusSpec) -> None:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if not _parquet_columns(names, spec):
-            wanted = " or ".join(repr(c) for c in (spec.text_field, spec.messages_field) if c)
-            raise CorpusError(
-                f"has no column {wanted} (columns: {', '.join(names) or 'none'}); set corpus.text_field "
-                "(or corpus.messages_field) to the column holding the text"
-            )
+            raise CorpusError(_missing_content(names, spec))
         for group in range(pf.metadata.num_row_groups):
             pf.metadata.row_group(group)  # every row group's metadata parses
 
@@ -807,10 +906,7 @@ def _check_hf(source: Source, spec: CorpusSpec) -> None:
         with fsspec.open(url, "rb") as f:
             names = pa.ipc.open_stream(f).schema.names
         if not _parquet_columns(names, spec):
-            raise CorpusError(
-                f"has no column {spec.text_field!r} in {url.rsplit('/', 1)[-1]} (columns: "
-                f"{', '.join(names)}); set corpus.text_field"
-            )
+            raise CorpusError(f"{_missing_content(names, spec)} (in {url.rsplit('/', 1)[-1]})")
     next(_hf_batches(files[0][0], None), None)  # the first batch decodes
 
 

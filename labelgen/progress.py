@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from labelgen.checks import GenerationStats
 from labelgen.contract.format import UnitRecord, busy_fraction, join_url
 from labelgen.contract.storage import write_json_atomic
 from labelgen.pipeline import EngineClock
@@ -39,11 +40,18 @@ class UnitProgress:
         self.source_bytes = self.sequences = self.tokens = self.rejected = 0
         self.clock = EngineClock()
         """The unit's engine clock: the labeling loop (:mod:`labelgen.pipeline`) runs it."""
+        self.generation = GenerationStats()
+        """A generation unit's sample counts so far (prompts, samples, kept, reasons)."""
 
     def start_unit(self, unit: int = -1) -> None:
         self.unit = unit
         self.source_bytes = self.sequences = self.tokens = self.rejected = 0
         self.clock = EngineClock()
+        self.generation = GenerationStats()
+
+    def add_generation(self, stats: GenerationStats) -> None:
+        """Count a batch's samples (a generation unit)."""
+        self.generation.merge(stats)
 
     def update(self, source_bytes: int, sequences: int = 0, tokens: int = 0, rejected: int = 0) -> None:
         """``source_bytes``: input bytes of the unit consumed so far (not a delta)."""
@@ -61,6 +69,7 @@ class UnitProgress:
             "rejected": self.rejected,
             "engine_s": self.clock.busy_s,
             "wall_s": self.clock.wall_s,
+            "generation": self.generation.to_dict(),
         }
 
 
@@ -85,6 +94,8 @@ class JobProgress:
     bytes_done: int = 0
     engine_done: float = 0.0  # engine / loop seconds of the units this run finished
     wall_done: float = 0.0
+    generation_done: GenerationStats = field(default_factory=GenerationStats)
+    """Samples of the generation units this run finished (their unit records' counts)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def busy_fraction(self) -> float | None:
@@ -104,6 +115,8 @@ class JobProgress:
         """``tokens``: labeled by this attempt (default: the unit's last reported count)."""
         with self._lock:
             live = self.live.pop(record.unit, None)
+            if record.generation:  # the unit's own counts (a live snapshot may be a batch behind)
+                self.generation_done.merge(GenerationStats.from_dict(record.generation))
             self.finished[record.unit] = record
             self.tokens_done += tokens if tokens is not None else live["tokens"] if live else 0
             self.bytes_done += self.units[record.unit].size
@@ -143,7 +156,19 @@ class JobProgress:
                 "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
         snap["engine_busy_fraction"] = self.busy_fraction()
+        generation = self.generation_stats()
+        if generation.samples:
+            snap["generation"] = generation.to_dict()
         return snap
+
+    def generation_stats(self) -> GenerationStats:
+        """The samples this run generated so far (finished and running units)."""
+        with self._lock:
+            total = GenerationStats.from_dict(self.generation_done.to_dict())
+            for unit in self.live.values():
+                if unit.get("generation"):
+                    total.merge(GenerationStats.from_dict(unit["generation"]))
+        return total
 
     def write(self, fs: Any, root: str, state: str = "running") -> dict[str, Any]:
         """Rewrite ``<root>/_progress.json``; returns the snapshot written."""
@@ -157,12 +182,28 @@ def format_progress(snap: dict[str, Any]) -> str:
     97% | eta ...``."""
     eta = snap.get("eta_s")
     eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "-"
+    gen = snap.get("generation")
+    samples = ""
+    if gen:
+        samples = (
+            f" | prompts {gen['prompts']:,} | samples {gen['samples']:,} | kept {gen['kept']:,} | "
+            f"rejected samples {_reasons(gen.get('rejected', {}))}"
+        )
     return (
         f"progress [{snap['state']}] | units {snap['units_done']}/{snap['units_total']} | "
         f"tokens {snap['tokens']:,} | tok/s {snap['tokens_per_s']:,.0f} | "
         f"engine busy {_fraction(snap.get('engine_busy_fraction'))} | eta {eta_text} | "
-        f"rejected {snap['rejected']} | retries {snap['retries']} | replicas {snap['replicas']}"
+        f"rejected {snap['rejected']} | retries {snap['retries']} | replicas {snap['replicas']}{samples}"
     )
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    """``{"wrong_answer": 3, "unfinished": 1}`` → ``4 (wrong_answer 3, unfinished 1)``."""
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{total:,} (" + ", ".join(f"{reason} {count:,}" for reason, count in top) + ")"
 
 
 def _fraction(value: float | None) -> str:
@@ -172,14 +213,14 @@ def _fraction(value: float | None) -> str:
 class ProgressBar(UnitProgress):
     """The local executor's progress: a tqdm bar over the input bytes of all pending units."""
 
-    def __init__(self, job: JobProgress, total_bytes: int, enabled: bool):
+    def __init__(self, job: JobProgress, total_bytes: int, enabled: bool, desc: str = "labeling"):
         super().__init__()
         self.job = job
         self.bar = tqdm(
             total=total_bytes,
             unit="B",
             unit_scale=True,
-            desc="labeling",
+            desc=desc,
             disable=not enabled,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -201,6 +242,18 @@ class ProgressBar(UnitProgress):
         busy = _fraction(self.job.busy_fraction())
         self.bar.set_postfix_str(
             f"seq={self._sequences} tok={self._tokens} tok/s={rate:,.0f} busy={busy} rejected={rejected}",
+            refresh=False,
+        )
+
+    def add_generation(self, stats: GenerationStats) -> None:
+        super().add_generation(stats)
+        self.job.update_unit(self.snapshot())
+        gen = self.job.generation_stats()
+        rate = self._tokens / max(time.monotonic() - self.job.start, 1e-9)
+        busy = _fraction(self.job.busy_fraction())
+        self.bar.set_postfix_str(
+            f"prompts={gen.prompts} samples={gen.samples} kept={gen.kept} "
+            f"rejected={_reasons(gen.rejected)} tok/s={rate:,.0f} busy={busy}",
             refresh=False,
         )
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,11 +34,14 @@ from typing import Any
 import fsspec
 import yaml
 
+from labelgen.checks import Checker
 from labelgen.contract.commits import PLAN_RECORD, SOURCES_RECORD, CommitLog, JobRecord, PlanRecord
 from labelgen.contract.config_input import read_yaml
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, ShardRecord, UnitRecord, join_url
+from labelgen.contract.generation import GenerationShardRecord
 from labelgen.contract.storage import write_text_atomic
 from labelgen.corpus import Source, check_sources, resolve_sources
+from labelgen.generation import generation_manifest_part, run_generation_unit
 from labelgen.labels import SequenceLabels
 from labelgen.packing import PackedSequence, pack
 from labelgen.pipeline import DEFAULT_DEPTH, run_overlapped
@@ -45,6 +49,9 @@ from labelgen.progress import JobProgress, ProgressBar, UnitProgress
 from labelgen.provenance import check_model_path, load_tokenizer, tokenizer_info, weights_fingerprint
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
+
+if typing.TYPE_CHECKING:
+    from labelgen.teacher import Generator
 from labelgen.units import WorkUnit, legacy_plan, plan_record, plan_units, read_unit, unit_sha256
 from labelgen.writer import ShardWriter
 
@@ -56,6 +63,7 @@ __all__ = [
     "record_teacher",
     "run_job",
     "run_unit",
+    "run_work_unit",
     "job_products",
 ]
 
@@ -228,6 +236,8 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
     for name, reason in skipped.items():
         log(f"skipping corpus source {name}: {reason}")
     check_model_path(spec.teacher.model)
+    if spec.generate is not None:
+        Checker(spec.generate)  # imports the user's check and score: an error shows before any model loads
     tokenizer = load_tokenizer(spec.teacher)
     fs, root = fsspec.core.url_to_fs(spec.output.url)
     done = _prepare_output(spec, fs, root, sources)
@@ -264,6 +274,10 @@ def record_teacher(plan: JobPlan, provenance: dict[str, Any]) -> None:
 def finish_job(plan: JobPlan) -> Manifest:
     """Build the manifest from the commit records and write it, last."""
     shards, units = plan.commits.committed()
+    generations: list[GenerationShardRecord] = []
+    if plan.spec.generate is not None:
+        generations = plan.commits.generations()
+        shards = [g.labels for g in generations if g.labels is not None]
     missing = [u.index for u in plan.work if u.index not in units]
     if missing:
         raise JobError(f"units {missing} of {plan.spec.output.url} are not finished; re-run the job")
@@ -273,7 +287,7 @@ def finish_job(plan: JobPlan) -> Manifest:
             f"{plan.spec.output.url} has every unit finished but no teacher record: the commit log "
             "is incomplete; delete the output (or set output.overwrite=true) and run the job again"
         )
-    manifest = _build_manifest(plan, shards, units, teacher_info)
+    manifest = _build_manifest(plan, shards, units, teacher_info, generations)
     write_text_atomic(plan.fs, join_url(plan.root, MANIFEST_NAME), manifest.to_json())
     return manifest
 
@@ -385,6 +399,26 @@ def run_unit(
     return record
 
 
+def run_work_unit(
+    spec: JobSpec,
+    unit: WorkUnit,
+    tokenizer: Any,
+    teacher: Teacher,
+    commits: CommitLog,
+    progress: UnitProgress,
+    depth: int = DEFAULT_DEPTH,
+) -> UnitRecord:
+    """Run one work unit of the job, whichever kind it is: :func:`run_unit` for a labeling
+    job, :func:`labelgen.generation.run_generation_unit` for a generation job (both resume
+    after the unit's committed shards); every executor calls this."""
+    if spec.generate is None:
+        return run_unit(spec, unit, tokenizer, teacher, commits.shards(unit.index), progress, depth)
+    generator = typing.cast("Generator", teacher)
+    return run_generation_unit(
+        spec, unit, tokenizer, generator, commits.generations(unit.index), progress, depth
+    )
+
+
 def run_job(
     spec: JobSpec,
     show_progress: bool = True,
@@ -402,12 +436,12 @@ def run_job(
         teacher = teacher_factory(spec)
         record_teacher(plan, teacher.provenance())
         job = JobProgress(plan.work, dict(plan.units))
-        bar = ProgressBar(job, sum(u.size for u in pending), show_progress)
+        desc = "labeling" if spec.generate is None else "generating"
+        bar = ProgressBar(job, sum(u.size for u in pending), show_progress, desc)
         state = "failed"
         try:
             for unit in pending:
-                mine = plan.commits.shards(unit.index)
-                job.finish_unit(run_unit(spec, unit, plan.tokenizer, teacher, mine, bar, depth))
+                job.finish_unit(run_work_unit(spec, unit, plan.tokenizer, teacher, plan.commits, bar, depth))
                 job.write(plan.fs, plan.root)
             state = "done"
         finally:
@@ -452,15 +486,25 @@ def _build_manifest(
     shards: list[ShardRecord],
     units: dict[int, UnitRecord],
     teacher_info: dict[str, Any],
+    generations: list[GenerationShardRecord],
 ) -> Manifest:
     spec, sources, tokenizer = plan.spec, plan.sources, plan.tokenizer
     keep = []
+    kept_generations = []
     for unit, record in sorted(units.items()):
-        unit_shards = [s for s in shards if s.unit == unit and s.index < record.shards]
-        if len(unit_shards) != record.shards:
+        # A generation job's shards are its generation records (each with its label shard).
+        if spec.generate is None:
+            unit_shards = [s for s in shards if s.unit == unit and s.index < record.shards]
+            found = len(unit_shards)
+        else:
+            unit_generations = [g for g in generations if g.unit == unit and g.index < record.shards]
+            kept_generations.extend(unit_generations)
+            unit_shards = [g.labels for g in unit_generations if g.labels is not None]
+            found = len(unit_generations)
+        if found != record.shards:
             raise JobError(
                 f"unit {unit} of {spec.output.url} records {record.shards} shard(s) but "
-                f"{len(unit_shards)} shard record(s) are committed: the commit log lost records; delete "
+                f"{found} shard record(s) are committed: the commit log lost records; delete "
                 "the output (or set output.overwrite=true) and run the job again"
             )
         keep.extend(unit_shards)
@@ -492,4 +536,5 @@ def _build_manifest(
         shards=keep,
         units=[units[u] for u in sorted(units)],
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        generation=generation_manifest_part(spec, kept_generations) if spec.generate is not None else {},
     )

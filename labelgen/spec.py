@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,9 @@ __all__ = [
     "HiddenSpec",
     "OutputSpec",
     "ClusterSpec",
+    "ReferenceCheckSpec",
+    "ChecksSpec",
+    "GenerateSpec",
     "JobSpec",
     "load_spec",
 ]
@@ -290,6 +294,180 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class ReferenceCheckSpec:
+    """Reference match: the response's final answer must equal the record's reference."""
+
+    field: str = "answer"
+    """Record field (column) holding the reference answer (a string or a number)."""
+    extract: Literal["boxed", "last_number", "regex"] = "boxed"
+    """How the final answer is taken from the response: 'boxed' = the content of the last
+    ``\\boxed{...}`` (nested braces allowed); 'last_number' = the last number in the text
+    (commas between digit groups allowed); 'regex' = group 1 (else the whole match) of
+    the last match of ``pattern``."""
+    pattern: str | None = None
+    """Regular expression for ``extract: regex`` (Python syntax, searched in the response)."""
+    reference_extract: Literal["as_is", "boxed", "last_number", "regex"] = "as_is"
+    """How the answer is taken from the reference field: 'as_is' uses the whole field
+    (stripped); the others as in ``extract`` (a reference that is a worked solution)."""
+    rel_tol: float = 1e-6
+    """Answers that both parse as numbers (int, decimal, fraction a/b, percent, scientific)
+    match when they are within this relative tolerance..."""
+    abs_tol: float = 1e-9
+    """...or within this absolute one. Answers that do not both parse as numbers match
+    when equal after normalisation (whitespace, case, surrounding $ or \\( \\), a final
+    period, \\text{...} wrappers); ``\\frac{a}{b}`` and a leading currency $ parse as numbers."""
+
+    def check(self):
+        if not self.field:
+            yield "field", "must name the record field holding the reference answer"
+        if (self.extract == "regex" or self.reference_extract == "regex") and not self.pattern:
+            yield "pattern", "must be set when extract or reference_extract is 'regex'"
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                yield "pattern", f"is not a valid regular expression ({exc})"
+        for name in ("rel_tol", "abs_tol"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+
+
+@dataclass(frozen=True)
+class ChecksSpec:
+    """Verification of each generated sample (rejection sampling). A sample is kept only if
+    it passes every check that is on; the first failing check is its rejection reason."""
+
+    finished: bool = True
+    """Reject responses cut at ``generate.max_tokens`` (finish reason 'length')."""
+    min_tokens: int = 1
+    """Reject responses of fewer tokens than this."""
+    max_tokens: int | None = None
+    """Reject responses of more tokens than this (None: no bound besides generate.max_tokens)."""
+    format: str | None = None
+    """A regular expression the whole response must match (``re.fullmatch``, DOTALL), e.g.
+    ``'<think>.+</think>.*\\\\boxed\\{.+\\}.*'``; None: off."""
+    reference: ReferenceCheckSpec | None = None
+    """Compare the response's final answer with the record's reference (None: off)."""
+    user: str | None = None
+    """A check of your own, ``package.module:function``, called with a
+    :class:`labelgen.checks.Sample`; returns a bool, or ``(bool, reason)`` (docs/GENERATE.md)."""
+    dedup: Literal["none", "exact", "near"] = "exact"
+    """Drop a passing sample whose response repeats an earlier passing sample of the same
+    prompt: 'exact' after whitespace normalisation, 'near' when the word-3-gram Jaccard
+    similarity is at least ``near_threshold``."""
+    near_threshold: float = 0.9
+    """Similarity at or above which ``dedup: near`` calls two responses duplicates."""
+
+    def check(self):
+        if self.min_tokens < 0:
+            yield "min_tokens", f"must be >= 0, got {self.min_tokens}"
+        if self.max_tokens is not None and self.max_tokens < max(self.min_tokens, 1):
+            yield "max_tokens", f"must be >= min_tokens and >= 1, got {self.max_tokens}"
+        if self.format is not None:
+            try:
+                re.compile(self.format)
+            except re.error as exc:
+                yield "format", f"is not a valid regular expression ({exc})"
+        if self.user is not None and not _IMPORT_PATH.fullmatch(self.user):
+            yield "user", f"must look like package.module:function, got {self.user!r}"
+        if not 0.0 < self.near_threshold <= 1.0:
+            yield "near_threshold", f"must be in (0, 1], got {self.near_threshold}"
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """Sequence-level distillation (``labelgen generate``): the teacher writes responses to
+    the corpus's prompts; they are checked, kept by a policy, stored as a chat SFT dataset,
+    and (``labels: true``) labeled with the teacher's top-k like any labeling job."""
+
+    prompt_field: str = "prompt"
+    """Record field holding a text prompt. Used when the record has no
+    ``corpus.messages_field`` value (messages: the chat up to its last user turn; trailing
+    assistant turns are dropped) and no ``prompt_ids_field`` value."""
+    prompt_ids_field: str | None = None
+    """Record field holding a prompt already tokenized (a list of token ids), sent as is."""
+    system_prompt: str | None = None
+    """A system message put before text prompts and chats that have none."""
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template (a text prompt becomes one user
+    message) and the generation prompt; false: the prompt text is tokenized as it is."""
+    n: int = 4
+    """Samples per prompt."""
+    temperature: float = 0.6
+    """Sampling temperature (0: greedy; then n must be 1)."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold (1: off)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: off)."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one (0: off)."""
+    max_tokens: int = 1024
+    """Most tokens generated per sample; prompt + response must fit teacher.max_model_len."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a response (not included in it)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response (besides the tokenizer's EOS)."""
+    seed: int = 0
+    """Base seed: sample i of prompt p is drawn with a seed derived from (seed, p's id, i),
+    so a re-run (or a retried unit) asks the engine the same questions the same way."""
+    checks: ChecksSpec = field(default_factory=ChecksSpec)
+    """What a sample must pass to be kept."""
+    keep: Literal["all", "best_of_n", "first"] = "all"
+    """Which passing samples of a prompt are kept: every one, the one with the best
+    ``score``, or the first by sample index."""
+    score: str = "mean_logprob"
+    """The score of ``keep: best_of_n``: 'mean_logprob' (the teacher's mean log-prob of the
+    response tokens) or ``package.module:function`` returning a float for a
+    :class:`labelgen.checks.Sample` (higher is better; ties go to the lower sample index)."""
+    labels: bool = True
+    """Also store teacher labels (top-k per ``labels``, plus draws and hidden states when
+    on) for every kept sample's response tokens, prompt masked, in the ordinary label
+    format under output.url, so ``students train`` reads them unchanged."""
+    keep_rejected: bool = False
+    """Also store the rejected samples (with their reasons) under ``rejected/``, apart from
+    the kept ones, for inspecting the checks."""
+    batch_prompts: int = 64
+    """Prompts per engine call (each with n requests); also the granularity of commits
+    and resume: a prompt's samples are always committed together."""
+
+    def check(self):
+        for name in ("n", "max_tokens", "batch_prompts"):
+            if getattr(self, name) < 1:
+                yield name, f"must be >= 1, got {getattr(self, name)}"
+        if self.temperature < 0:
+            yield "temperature", f"must be >= 0, got {self.temperature}"
+        if self.temperature == 0 and self.n > 1:
+            yield "n", f"must be 1 with temperature 0 (greedy decoding gives one answer), got {self.n}"
+        if not 0.0 < self.top_p <= 1.0:
+            yield "top_p", f"must be in (0, 1], got {self.top_p}"
+        if self.top_k < 0:
+            yield "top_k", f"must be >= 0 (0 = off), got {self.top_k}"
+        if not 0.0 <= self.min_p <= 1.0:
+            yield "min_p", f"must be in [0, 1], got {self.min_p}"
+        for i, token in enumerate(self.stop_token_ids):
+            if token < 0:
+                yield f"stop_token_ids[{i}]", f"must be >= 0, got {token}"
+        for i, text in enumerate(self.stop):
+            if not text:
+                yield f"stop[{i}]", "must not be empty"
+        if self.score != "mean_logprob" and not _IMPORT_PATH.fullmatch(self.score):
+            yield "score", f"must be 'mean_logprob' or package.module:function, got {self.score!r}"
+        if not self.prompt_field:
+            yield "prompt_field", "must name a record field"
+        if self.score != "mean_logprob" and self.keep != "best_of_n":
+            yield "score", f"is only used by keep: best_of_n (keep is {self.keep!r}); remove it or set keep"
+        if self.checks.min_tokens > self.max_tokens:
+            yield (
+                "checks.min_tokens",
+                f"({self.checks.min_tokens}) is above generate.max_tokens ({self.max_tokens}): every sample "
+                "would be rejected; lower it or raise generate.max_tokens",
+            )
+
+
+@dataclass(frozen=True)
 class JobSpec:
     teacher: TeacherSpec
     """The teacher model and the vLLM engine that runs it."""
@@ -305,6 +483,9 @@ class JobSpec:
     """Hidden-state samples, written to their own shards (off by default)."""
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     """Ray execution (replicas, resources, retries); used by run-ray and submit only."""
+    generate: GenerateSpec | None = None
+    """Sequence-level distillation: the teacher writes the responses (``labelgen generate``;
+    docs/GENERATE.md). None: a labeling job (``labelgen run``)."""
 
     def gpus_per_replica(self, cluster_has_gpus: bool) -> float:
         """GPUs one replica reserves: cluster.gpus_per_replica, else TP x PP (0 without GPUs)."""
@@ -344,7 +525,7 @@ class JobSpec:
                     f"({parallel}); set it to {parallel} or leave it null",
                 )
         limit = self.teacher.max_model_len
-        if limit is not None and self.packing.seq_len >= limit:
+        if limit is not None and self.packing.seq_len >= limit and self.generate is None:
             yield (
                 "packing.seq_len",
                 f"({self.packing.seq_len}) must be < teacher.max_model_len ({limit}): vLLM needs room for "
@@ -355,6 +536,19 @@ class JobSpec:
         # only the worker can tell; it refuses the others at start-up, naming enforce_eager.
         if self.hidden.layers and self.labels.extraction == "public":
             yield "labels.extraction", "must be 'hook' or 'auto' when hidden.layers is set"
+        gen = self.generate
+        if gen is not None:
+            if not gen.labels and (self.hidden.layers or self.labels.draws):
+                yield (
+                    "generate.labels",
+                    "must be true when hidden.layers or labels.draws is set (they are teacher labels of "
+                    "the kept samples); set it to true, or turn those off",
+                )
+            if limit is not None and gen.max_tokens >= limit:
+                yield (
+                    "generate.max_tokens",
+                    f"({gen.max_tokens}) must be < teacher.max_model_len ({limit}): prompts need room too",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -374,6 +568,8 @@ class JobSpec:
         data.pop("cluster", None)
         data["corpus"].pop("on_bad_source", None)
         data["labels"].pop("logits_budget_mib", None)
+        if data.get("generate") is None:
+            data.pop("generate", None)  # a labeling job hashes as before generation existed
         for section, name, default in _ADDED_FIELDS:
             if data[section].get(name) == default:
                 del data[section][name]

@@ -1,6 +1,8 @@
 """The teacher interface: token sequences in, per-position label arrays out (:mod:`labelgen.labels`).
 
-A teacher is anything with ``k``, ``label(batch)``, ``provenance()`` and ``close()``.
+A teacher is anything with ``k``, ``label(batch)``, ``provenance()`` and ``close()``; a
+generation job's teacher also has ``generate(prompts, seeds, spec)`` and ``max_model_len``
+(:class:`Generator`), and returns one :class:`Generation` per request.
 The vLLM implementation lives in :mod:`labelgen.teacher_vllm` (the only module that
 imports vllm); :func:`load_teacher` imports it lazily so the rest of labelgen works
 without vLLM installed.
@@ -8,6 +10,7 @@ without vLLM installed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,7 +18,7 @@ import numpy as np
 from labelgen.labels import SequenceLabels
 from labelgen.spec import JobSpec
 
-__all__ = ["Teacher", "load_teacher"]
+__all__ = ["Teacher", "Generator", "Generation", "load_teacher"]
 
 
 class Teacher(Protocol):
@@ -30,6 +33,26 @@ class Teacher(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response."""
+
+    token_ids: np.ndarray  # (R,) int32 response tokens (an EOS that ended it included)
+    text: str  # the detokenized response (a stop string that ended it excluded)
+    finish_reason: str  # "stop" (EOS, a stop string or id), "length" (max_tokens), or the engine's own
+    mean_logprob: float  # mean raw log-prob (temperature 1) of the response tokens under the teacher
+
+
+class Generator(Teacher, Protocol):
+    max_model_len: int
+    """The longest prompt + response the engine takes."""
+
+    def generate(self, prompts: list[np.ndarray], seeds: list[int], spec: Any) -> list[Generation]:
+        """One response per (prompt, seed), in order, sampled as ``spec``
+        (:class:`labelgen.spec.GenerateSpec`) says, each with its own seed."""
+        ...
 
 
 def load_teacher(spec: JobSpec) -> Teacher:

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from labelgen.labels import SequenceLabels
-from labelgen.spec import JobSpec
+from labelgen.spec import GenerateSpec, JobSpec
+from labelgen.teacher import Generation
 
 __all__ = ["VllmTeacher", "aux_additional_config"]
 
@@ -72,7 +73,13 @@ class VllmTeacher:
         self.k = spec.labels.k
         self._spec = spec
         self._version = vllm.__version__
-        engine_args: dict[str, Any] = {"seed": 0, **t.engine_args}
+        # Prefix caching shares a prompt's KV cache among its n samples in generation; a
+        # labeling request (prompt logprobs) never reads the cache, so labels are unaffected.
+        engine_args: dict[str, Any] = {
+            "seed": 0,
+            "enable_prefix_caching": spec.generate is not None,
+            **t.engine_args,
+        }
         wants_hook = spec.labels.extraction != "public"
         if wants_hook:
             engine_args.setdefault("worker_extension_cls", "labelgen.extraction.LabelExtractor")
@@ -97,7 +104,6 @@ class VllmTeacher:
             max_model_len=t.max_model_len,
             max_logprobs=self.k,
             logprobs_mode="raw_logprobs",
-            enable_prefix_caching=False,
             **engine_args,
         )
         self._params = SamplingParams(
@@ -114,6 +120,48 @@ class VllmTeacher:
             self.extraction = self._install_hook(spec)
         if self.extraction == "hook":
             self._params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+
+    def generate(self, prompts: list[np.ndarray], seeds: list[int], spec: GenerateSpec) -> list[Generation]:
+        """One sampled response per (prompt, seed); see :class:`labelgen.teacher.Generator`.
+
+        Each request is its own ``n=1`` request with its own seed (vLLM's per-request
+        generator), so a response depends only on its prompt, its seed and the logits, not
+        on which other requests share the batch. The sampled tokens' raw log-probs
+        (``logprobs=0``, flat) give the mean log-prob."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        options = {
+            "n": 1,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "top_k": spec.top_k,
+            "min_p": spec.min_p,
+            "max_tokens": spec.max_tokens,
+            "stop": list(spec.stop) or None,
+            "stop_token_ids": list(spec.stop_token_ids) or None,
+            "logprobs": 0,
+            "flat_logprobs": True,
+        }
+        params = [SamplingParams(seed=int(seed), **options) for seed in seeds]
+        requests = [TokensPrompt(prompt_token_ids=ids.tolist()) for ids in prompts]
+        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = np.asarray(completion.token_ids, dtype=np.int32)
+            total = completion.cumulative_logprob
+            mean = float(total) / len(ids) if len(ids) and total is not None else float("nan")
+            results.append(
+                Generation(
+                    token_ids=ids,
+                    text=completion.text,
+                    finish_reason=str(completion.finish_reason),
+                    mean_logprob=mean,
+                )
+            )
+        return results
 
     def _install_hook(self, spec: JobSpec) -> str:
         from labelgen.extraction import SUPPORTED_VLLM

@@ -95,9 +95,13 @@ class ShardWriter:
         codec: str = DEFAULT_CODEC,
         hidden_layers: tuple[int, ...] = (),
         hidden_dtype: str = "float16",
+        record_commits: bool = True,
     ):
         self.fs, self.root = fsspec.core.url_to_fs(root_url)
         self.commits = CommitLog(self.fs, self.root)
+        self.record_commits = record_commits
+        """Write each committed shard's record to the commit log (False: the caller commits the
+        returned records inside its own, as a generation job's shard record does)."""
         self.unit, self.k = unit, k
         self.draws = draws
         self.hidden_layers, self.hidden_dtype = tuple(hidden_layers), hidden_dtype
@@ -128,22 +132,35 @@ class ShardWriter:
         t = len(seq.input_ids)
         self._buffered_bytes += t * 5 + (t - 1) * (8 * self.k + 5) + len(seq.sample_id) + 16
 
-    def end_batch(self) -> None:
-        """Called after each teacher batch: flush a row group / commit the shard if due."""
+    def end_batch(self) -> ShardRecord | None:
+        """Called after each teacher batch: flush a row group / commit the shard if due;
+        returns the record of the shard committed, if one was."""
+        self.flush_full_row_group()
+        if self.shard_due():
+            return self.commit_shard()
+        return None
+
+    def flush_full_row_group(self) -> None:
+        """Write the buffered rows as a row group if they reach ``row_group_mib``."""
         if self._buffered_bytes >= self.row_group_bytes:
             self._flush_row_group()
-        # Buffered rows are assumed to compress ~4x; the decision only has to be deterministic.
+
+    def shard_due(self) -> bool:
+        """Whether the open shard has reached its target size (rows buffered are assumed to
+        compress ~4x; the decision only has to be deterministic)."""
         written = self._sink.tell() if self._sink is not None else 0
-        if written and written + self._buffered_bytes // 4 >= self.shard_bytes:
-            self._flush_row_group()
-            self._commit()
+        return bool(written and written + self._buffered_bytes // 4 >= self.shard_bytes)
+
+    def commit_shard(self) -> ShardRecord | None:
+        """Commit the open shard now, with the rows buffered; None if it holds no row."""
+        self._flush_row_group()
+        if self._writer is None:
+            return None
+        return self._commit()
 
     def close(self) -> list[ShardRecord]:
         """Commit what is left; returns the records of shards committed by this writer."""
-        if self._rows:
-            self._flush_row_group()
-        if self._writer is not None:
-            self._commit()
+        self.commit_shard()
         os.rmdir(self._tmp_dir)
         return self.committed
 
@@ -242,7 +259,7 @@ class ShardWriter:
         self._rows.clear()
         self._buffered_bytes = 0
 
-    def _commit(self) -> None:
+    def _commit(self) -> ShardRecord:
         assert self._writer is not None and self._sink is not None
         self._writer.close()
         self._sink.close()
@@ -275,10 +292,12 @@ class ShardWriter:
             **hidden_fields,
         )
         publish_file(self.fs, self._tmp_path, dest)
-        self.commits.write_shard(record)
+        if self.record_commits:
+            self.commits.write_shard(record)
         self.committed.append(record)
         self.next_shard += 1
         self._shard_first_sequence = self.next_sequence
         self._shard_stats = {"rows": 0, "tokens": 0, "label_positions": 0, "row_groups": 0}
         self._writer = None
         self._sink = None
+        return record

@@ -66,3 +66,45 @@ class FakeTeacher:
 
     def close(self):
         pass
+
+
+class FakeGenerator(FakeTeacher):
+    """A fake generation teacher: ``respond(prompt_ids, seed) -> (token_ids, finish_reason)``
+    decides each response (default: tokens sampled from the fake distribution with the seed,
+    until EOS or max_tokens), decoded with ``tokenizer``. Deterministic per (prompt, seed),
+    so a re-run asks and gets the same."""
+
+    def __init__(self, k: int, tokenizer, respond=None, max_model_len: int = 512, **kwargs):
+        super().__init__(k, vocab=len(tokenizer), **kwargs)
+        self.tokenizer, self.respond = tokenizer, respond
+        self.max_model_len = max_model_len
+        self.requests: list[tuple[tuple[int, ...], int]] = []
+
+    def generate(self, prompts, seeds, spec):
+        from labelgen.teacher import Generation
+
+        out = []
+        for ids, seed in zip(prompts, seeds, strict=True):
+            self.requests.append((tuple(int(t) for t in ids), int(seed)))
+            if self.respond is not None:
+                tokens, finish = self.respond(ids, seed, spec)
+            else:
+                tokens, finish = self._sample(ids, seed, spec)
+            tokens = np.asarray(tokens, dtype=np.int32)
+            full = np.concatenate([np.asarray(ids, np.int32), tokens])
+            lp = self.logprobs[full[len(ids) - 1 : -1], full[len(ids) :]] if len(tokens) else np.zeros(0)
+            eos = self.tokenizer.eos_token_id
+            text = self.tokenizer.decode([t for t in tokens.tolist() if t != eos])
+            out.append(Generation(tokens, text, finish, float(lp.mean()) if len(lp) else float("nan")))
+        return out
+
+    def _sample(self, ids, seed, spec):
+        rng = np.random.default_rng(seed)
+        last, tokens = int(ids[-1]), []
+        eos = self.tokenizer.eos_token_id
+        for _ in range(spec.max_tokens):
+            last = int(rng.choice(self.vocab, p=np.exp(self.logprobs[last])))
+            tokens.append(last)
+            if last == eos:
+                return tokens, "stop"
+        return tokens, "length"

@@ -53,6 +53,53 @@ def dataset_rows(url) -> list[dict]:
     return out
 
 
+def student_config(
+    url: str, tokenizer: Path, out: Path, alpha: float, max_steps: int = 250, holdout: int = 3
+):
+    """A tiny Llama student's training config (vocabulary 512) on the labels at ``url``."""
+    from labelgen.contract.configs import load_config
+    from students.config import TrainConfig
+
+    return load_config(
+        TrainConfig,
+        {
+            "model": {
+                "tokenizer": str(tokenizer),
+                "init": {
+                    "model_type": "llama",
+                    "vocab_size": 512,
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 2,
+                    "num_key_value_heads": 2,
+                    "max_position_embeddings": 256,
+                    "tie_word_embeddings": True,
+                },
+            },
+            "data": {"url": url, "batch_sequences": 8, "holdout_row_groups": holdout},
+            "loss": {"alpha": alpha, "temperature": 1.0},
+            "optim": {"lr": 3e-3, "warmup_steps": 10, "max_steps": max_steps},
+            "train": {"output_dir": str(out), "log_every": 50, "eval_every": 0, "eval_batches": 0, "seed": 0},
+        },
+    )
+
+
+def generated_rows(url: str, directory: str = "generations") -> list[dict]:
+    """Every row of a generation job's kept (or ``rejected``) sample files, in file order."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from labelgen.contract.format import join_url
+
+    fs, root = fsspec.core.url_to_fs(url)
+    rows = []
+    for path in sorted(fs.glob(join_url(root, directory, "*.parquet"))):
+        with fs.open(path, "rb") as f:
+            rows.extend(pq.read_table(f).to_pylist())
+    return rows
+
+
 def write_spec(path: Path, spec: dict) -> Path:
     path.write_text(yaml.safe_dump(spec))
     return path

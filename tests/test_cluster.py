@@ -278,3 +278,53 @@ def test_two_replicas_label_the_parts_of_big_sources_like_the_local_runner(
         unit_facts(manifest.units) == unit_facts(local.units)
         and manifest.corpus["sources"] == local.corpus["sources"]
     )
+
+
+def test_two_replicas_run_a_generation_job_like_the_local_runner(
+    ray_cluster, teacher_dir, tokenizer, texts, tmp_path
+):
+    """A generation job (fake teacher: samples from its fake distribution by each request's
+    seed) on 2 Ray replicas: the samples, labels and counts of the local runner."""
+    import fakes
+    from helpers import generated_rows
+    from labelgen.cluster import run_job_ray
+    from labelgen.runner import run_job
+
+    corpus = tmp_path / "prompts"
+    corpus.mkdir()
+    for name, chunk in (("a", texts[:20]), ("b", texts[20:40])):
+        with (corpus / f"{name}.jsonl").open("w") as f:
+            for text in chunk:
+                f.write(json.dumps({"prompt": " ".join(text.split()[:5])}) + "\n")
+
+    def spec(out: str) -> JobSpec:
+        raw = spec_dict(teacher_dir, f"{corpus}/*.jsonl", out, replicas=2)
+        raw["generate"] = {
+            "n": 3,
+            "max_tokens": 12,
+            "chat_template": False,
+            "batch_prompts": 4,
+            "checks": {"finished": False, "dedup": "none", "min_tokens": 4},
+        }
+        return load_config(JobSpec, raw)
+
+    def factory(s: JobSpec) -> fakes.FakeGenerator:
+        return fakes.FakeGenerator(s.labels.k, tokenizer)
+
+    local = run_job(spec(str(tmp_path / "local")), show_progress=False, teacher_factory=factory)
+    logs: list[str] = []
+    ray.cloudpickle.register_pickle_by_value(fakes)
+    try:
+        manifest = run_job_ray(spec(str(tmp_path / "ray")), teacher_factory=factory, log=logs.append)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(fakes)
+    text = "\n".join(logs)
+    assert "→ replica 0" in text and "→ replica 1" in text, f"both replicas generate:\n{text}"
+    assert "prompts 40" in text and "samples 120" in text, text
+    for directory in ("generations", "rejected"):
+        assert generated_rows(str(tmp_path / "ray"), directory) == generated_rows(
+            str(tmp_path / "local"), directory
+        )
+    assert dataset_rows(str(tmp_path / "ray")) == dataset_rows(str(tmp_path / "local"))
+    assert manifest.generation["stats"] == local.generation["stats"]
+    assert 0 < manifest.generation["stats"]["kept"] < 120  # min_tokens rejects some

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import dataset_rows, make_spec, write_spec
+from helpers import dataset_rows, make_spec, student_config, write_spec
 from labelgen.contract.dataset import read_manifest
 from labelgen.contract.format import COMMITS_DIR
-from students.config import TrainConfig
 
 pytestmark = pytest.mark.integration
 
@@ -122,34 +121,6 @@ def test_inspect_and_validate_cli(vllm_job):
     assert missing.returncode == 2 and "no label dataset" in missing.stderr
 
 
-def _student(url: str, tokenizer: Path, out: Path, alpha: float) -> TrainConfig:
-    from labelgen.contract.configs import load_config
-
-    return load_config(
-        TrainConfig,
-        {
-            "model": {
-                "tokenizer": str(tokenizer),
-                "init": {
-                    "model_type": "llama",
-                    "vocab_size": 512,
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 2,
-                    "num_key_value_heads": 2,
-                    "max_position_embeddings": 256,
-                    "tie_word_embeddings": True,
-                },
-            },
-            "data": {"url": url, "batch_sequences": 8, "holdout_row_groups": 3},
-            "loss": {"alpha": alpha, "temperature": 1.0},
-            "optim": {"lr": 3e-3, "warmup_steps": 10, "max_steps": 250},
-            "train": {"output_dir": str(out), "log_every": 50, "eval_every": 0, "eval_batches": 0, "seed": 0},
-        },
-    )
-
-
 def test_kd_student_ends_closer_to_the_teacher_than_ce_student(vllm_job, teacher_dir, tmp_path):
     """Same student, same tokens, same steps: KD from stored top-k vs CE alone.
 
@@ -163,7 +134,7 @@ def test_kd_student_ends_closer_to_the_teacher_than_ce_student(vllm_job, teacher
     _, url = vllm_job
     runs = {}
     for name, alpha in (("kd", 0.5), ("ce", 0.0)):
-        trainer = Trainer(_student(str(url), teacher_dir, tmp_path / name, alpha), log=print)
+        trainer = Trainer(student_config(str(url), teacher_dir, tmp_path / name, alpha), log=print)
         trainer.setup()
         runs[name] = (trainer, trainer.train())
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()

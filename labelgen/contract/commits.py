@@ -8,6 +8,8 @@ A job writes, in this order::
     _commits/tokenizer.json              the tokenizer (fingerprint, vocab size)
     _commits/teacher.json                the running engine's provenance
     _commits/part-UUUUU-SSSSS.json       one per committed shard, after the shard itself
+    _commits/gen-UUUUU-SSSSS.json        a generation job's shards instead: one per shard, after
+                                         all its files (:mod:`labelgen.contract.generation`)
     _commits/unit-UUUUU.json             one per finished work unit
 
 Every record is written atomically (rename, or one PUT), so a listed record is whole,
@@ -37,6 +39,7 @@ import fsspec
 from labelgen.contract.format import (
     COMMITS_DIR,
     FORMAT_VERSION,
+    SHARD_PREFIX,
     FormatError,
     ShardRecord,
     UnitRecord,
@@ -44,11 +47,15 @@ from labelgen.contract.format import (
     join_url,
     parse_json,
     parse_record,
+    shard_name,
     unit_shard_prefix,
 )
+from labelgen.contract.generation import GenerationShardRecord
 from labelgen.contract.storage import list_fresh, retry, write_json_atomic
 
 __all__ = [
+    "GENERATION_RECORD_PREFIX",
+    "generation_record_name",
     "SOURCES_RECORD",
     "PLAN_RECORD",
     "JOB_RECORD",
@@ -66,6 +73,7 @@ JOB_RECORD = "job.json"
 TOKENIZER_RECORD = "tokenizer.json"
 TEACHER_RECORD = "teacher.json"
 _UNIT_PREFIX = "unit-"
+GENERATION_RECORD_PREFIX = "gen-"
 _SUFFIX = ".json"
 _REWRITE = "the commit log is corrupt or was not written by labelgen: re-run the labeling job to rewrite it"
 
@@ -151,6 +159,11 @@ def _shard_record_name(record: ShardRecord) -> str:
     return record.path.rsplit("/", 1)[-1].removesuffix(".parquet") + _SUFFIX
 
 
+def generation_record_name(unit: int, shard: int) -> str:
+    """The commit record file name of a generation job's shard: ``gen-UUUUU-SSSSS.json``."""
+    return GENERATION_RECORD_PREFIX + shard_name(unit, shard).removeprefix(SHARD_PREFIX) + _SUFFIX
+
+
 def _unit_record_name(unit: int) -> str:
     return f"{_UNIT_PREFIX}{unit:05d}{_SUFFIX}"
 
@@ -194,6 +207,11 @@ class CommitLog:
     def write_shard(self, record: ShardRecord) -> None:
         """Record a committed shard; call only after the shard is published."""
         write_json_atomic(self.fs, self.path(_shard_record_name(record)), dataclasses.asdict(record))
+
+    def write_generation(self, record: GenerationShardRecord) -> None:
+        """Record a committed generation shard; call only after all its files are published."""
+        name = generation_record_name(record.unit, record.index)
+        write_json_atomic(self.fs, self.path(name), dataclasses.asdict(record))
 
     def write_unit(self, record: UnitRecord) -> None:
         """Record a finished unit; call after its last shard record."""
@@ -275,6 +293,27 @@ class CommitLog:
         prefix = unit_shard_prefix(unit)
         return self._records((prefix,), prefix)[0]
 
+    def generations(self, unit: int | None = None) -> list[GenerationShardRecord]:
+        """Committed generation shard records (of one unit, or all), sorted by (unit, index),
+        read fresh.
+
+        Raises:
+            FormatError: a record is not a generation shard record, or is named for another shard.
+        """
+        prefix = GENERATION_RECORD_PREFIX if unit is None else GENERATION_RECORD_PREFIX + f"{unit:05d}-"
+        records = []
+        for name in self._names(prefix):
+            if not (name.startswith(prefix) and name.endswith(_SUFFIX)):
+                continue
+            path = self.path(name)
+            record = GenerationShardRecord.from_dict(self._read(path), path)
+            if name != generation_record_name(record.unit, record.index):
+                raise FormatError(
+                    f"{path} holds the record of shard {record.index} of unit {record.unit}; {_REWRITE}"
+                )
+            records.append(record)
+        return sorted(records, key=lambda r: (r.unit, r.index))
+
     def units(self) -> dict[int, UnitRecord]:
         """Finished unit records by unit, read fresh (only unit records are listed)."""
         return {record.unit: record for record in self._records((_UNIT_PREFIX,), _UNIT_PREFIX)[1]}
@@ -324,7 +363,10 @@ class CommitLog:
             join_url(COMMITS_DIR, name)
             for name in self._names("")
             if name in fixed
-            or (name.endswith(_SUFFIX) and name.startswith((unit_shard_prefix(), _UNIT_PREFIX)))
+            or (
+                name.endswith(_SUFFIX)
+                and name.startswith((unit_shard_prefix(), _UNIT_PREFIX, GENERATION_RECORD_PREFIX))
+            )
         ]
 
     def count_shards(self) -> int:

@@ -297,6 +297,8 @@ class UnitRecord:
     range_sha256: str = ""  # sha256 of the part's own bytes (row groups: their span; Arrow files: in order)
     engine_s: float = 0.0  # seconds the teacher engine computed, in the attempt that finished the unit
     wall_s: float = 0.0  # seconds that attempt's labeling loop ran (engine_s / wall_s: busy fraction)
+    generation: dict[str, Any] = field(default_factory=dict)
+    """A generation job's unit: its sample counts (:class:`labelgen.checks.GenerationStats`)."""
 
     @classmethod
     def from_dict(cls, data: object, where: str) -> UnitRecord:
@@ -330,6 +332,10 @@ class Manifest:
     products: dict[str, Any] = field(default_factory=dict)
     """Optional products: {"draws": {"n", "temperature", "seed"}, "hidden": {"layers",
     "every", "dtype", "dim", "seed"}}; top-k is always present."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """A generation job's part (:mod:`labelgen.contract.generation`): {"sampling", "checks",
+    "keep", "stats", "shards": [generation shard records]}; empty for a labeling job. The
+    label ``shards`` of a generation job hold its kept samples (none without generate.labels)."""
 
     @property
     def rejected(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -73,6 +74,13 @@ def _check_value(value: Any, kind: Any, where: str, name: str) -> Any:
     """``value`` as field ``name`` (of a record at ``where``) of type ``kind`` needs it;
     FormatError naming both otherwise."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return _check_value(value, inner, where, name)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return parse_record(kind, value, f"{where} {name}")
     if kind is int:
         if _count(value):
             return value
@@ -117,7 +125,8 @@ def parse_record(cls: type[R], data: object, where: str) -> R:
     Fields typed ``int`` take JSON integers in [0, 2**63) (not booleans: every integer of
     a record is a count, an index or a size), ``float`` finite numbers, ``str`` strings,
     ``dict[str, int]`` objects of such integers, ``dict[str, Any]`` objects nested at most
-    64 deep, ``list[<record>]`` arrays of records parsed alike. A field's ``metadata``
+    64 deep, ``list[<record>]`` arrays of records parsed alike, ``<record>`` an object parsed alike,
+    ``X | None`` null or an X. A field's ``metadata``
     ``check`` (e.g. :func:`check_dataset_path`) runs on its value. A missing field takes
     its default (an error if it has none). Keys ``cls`` does not define are ignored, for
     forward compatibility: a later minor format version may add fields, and a reader of
