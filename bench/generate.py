@@ -7,14 +7,22 @@ and the medians are compared. Printed as ratios measured in this one run (timing
 shared machines are noisy: compare ratios, not absolute numbers):
 
     vllm             plain ``LLM.generate`` (n requests per prompt, each with its seed)
-    vllm+logprobs    the same with generation-time top-k log-probs (``logprobs=k``, flat):
+    vllm+logprob     the same with the sampled tokens' log-probs (``logprobs=0``, flat): what a
+                     job without labels asks for, for the samples' mean log-prob
+    vllm+top-k       the same with generation-time top-k log-probs (``logprobs=k``, flat):
                      the other way to get labels of generated tokens
-    job              ``labelgen generate`` without labels: checks (length, format, exact
+    job              ``labelgen generate`` without labels and without the samples' mean
+                     log-prob (generate.mean_logprob: false): vllm's sampling parameters; checks
+                     (length, format, exact
                      dedup; not "finished": a random model rarely samples EOS, so every
                      sample is kept, the most a job writes and labels) and writing the
                      generation shards included
+    job+logprob      the same with the mean log-prob (vllm+logprob's sampling parameters)
     job+labels       the same with top-k labels of every kept sample (one extra prefill of
-                     prompt + response through the extraction hook), label shards written
+                     prompt + response through the extraction hook), label shards written;
+                     no generation-time log-probs (the mean log-prob comes from the labels)
+    job+labels/2     the same with a format check that rejects about half the samples: labels
+                     are computed for kept samples only
 
 Throughput is response tokens per second of the whole call (job: the whole job, plan to
 manifest, with the engine already started).
@@ -80,7 +88,9 @@ def write_prompts(path: Path, count: int, vocab: int, seed: int = 0) -> None:
             f.write(json.dumps({"prompt_ids": ids.tolist()}) + "\n")
 
 
-def job_spec(model: Path, prompts: Path, out: Path, args, labels: bool):
+def job_spec(
+    model: Path, prompts: Path, out: Path, args, labels: bool, mean_logprob: bool = True, half=False
+):
     from labelgen.contract.configs import load_config
     from labelgen.spec import JobSpec
 
@@ -99,7 +109,13 @@ def job_spec(model: Path, prompts: Path, out: Path, args, labels: bool):
                 "max_tokens": args.max_tokens,
                 "batch_prompts": args.prompts,
                 "labels": labels,
-                "checks": {"format": ".*", "finished": False, "dedup": "exact"},
+                "mean_logprob": mean_logprob,
+                # half: the first word's number ends in 0-4 (the word-level tokenizer's "wN")
+                "checks": {
+                    "format": r"(?s)\s*w\d*[0-4]\b.*" if half else ".*",
+                    "finished": False,
+                    "dedup": "exact",
+                },
             },
         },
     )
@@ -156,28 +172,34 @@ def main() -> int:
         outs = teacher._llm.generate(
             [TokensPrompt(prompt_token_ids=p.tolist()) for p, _ in requests], params, use_tqdm=False
         )
-        if logprobs:  # what a user of generation-time labels then does: arrays per response
+        if logprobs is not None:  # what a user of generation-time log-probs then does: arrays
             for out in outs:
                 lp = out.outputs[0].logprobs
                 np.asarray(lp.token_ids, np.int32), np.asarray(lp.logprobs, np.float32)
         return sum(len(o.outputs[0].token_ids) for o in outs)
 
-    def job(labels: bool):
-        out = work / ("out-labels" if labels else "out")
+    kept: dict[bool, tuple[int, int]] = {}
+
+    def job(labels: bool, mean_logprob: bool = True, half: bool = False):
+        out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         manifest = run_job(
-            job_spec(model, prompts_path, out, args, labels),
+            job_spec(model, prompts_path, out, args, labels, mean_logprob, half),
             show_progress=False,
             teacher_factory=lambda s: teacher,
             log=lambda m: None,
         )
+        kept[half] = (manifest.generation["stats"]["kept"], manifest.generation["stats"]["samples"])
         return manifest.generation["totals"]["response_tokens"]
 
     variants = {
         "vllm": lambda: plain(None),
-        "vllm+logprobs": lambda: plain(args.k),
-        "job": lambda: job(False),
+        "vllm+logprob": lambda: plain(0),
+        "vllm+top-k": lambda: plain(args.k),
+        "job": lambda: job(False, mean_logprob=False),
+        "job+logprob": lambda: job(False),
         "job+labels": lambda: job(True),
+        "job+labels/2": lambda: job(True, half=True),
     }
     teacher.close = lambda: None  # the jobs must not close the shared engine
     plain(None)  # warm-up
@@ -192,10 +214,14 @@ def main() -> int:
         f"\nvocab {args.vocab}, {args.prompts} prompts x n={args.n}, max_tokens {args.max_tokens}, "
         f"k={args.k}, {args.repeats} rounds (medians)"
     )
-    base = tokens["vllm"] / statistics.median(times["vllm"])
-    for name in variants:
-        rate = tokens[name] / statistics.median(times[name])
-        print(f"  {name:<14} {tokens[name]:>7} tokens  {rate:>10,.0f} tok/s  {rate / base:6.3f}x vllm")
+    rates = {name: tokens[name] / statistics.median(times[name]) for name in variants}
+    for name, rate in rates.items():
+        print(
+            f"  {name:<14} {tokens[name]:>7} tokens  {rate:>10,.0f} tok/s  {rate / rates['vllm']:6.3f}x vllm"
+        )
+    for job_name, base in (("job", "vllm"), ("job+logprob", "vllm+logprob"), ("job+labels", "vllm")):
+        print(f"  {job_name} / {base} (the same sampling parameters): {rates[job_name] / rates[base]:.3f}")
+    print(f"  job+labels/2 kept {kept[True][0]} of {kept[True][1]} samples (job+labels: {kept[False][0]})")
     same = tokens["job"] == tokens["vllm"]
     print(f"  the job generated the same number of tokens as plain vLLM: {same}")
     shutil.rmtree(work, ignore_errors=True)

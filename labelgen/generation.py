@@ -24,7 +24,7 @@ questions the same way (same prompts, batches and seeds).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -114,11 +114,19 @@ def run_generation_unit(
             yield _PromptBatch(batch, batch[-1].progress, sum(rejected.values()))
         facts["sha256"] = unit_sha256(unit)
 
+    # The mean log-prob of a kept sample comes from its labels (the prefill computes every
+    # response token's log-prob anyway); generation-time log-probs are asked for only where
+    # there are no labels, or where best_of_n needs the score before labeling.
+    best_by_logprob = gen.keep == "best_of_n" and gen.score == "mean_logprob"
+    generation_logprobs = gen.mean_logprob and (not gen.labels or best_by_logprob)
+
     def engine(batch: _PromptBatch) -> _Judged:
         requests = [
             (p, i, sample_seed(gen.seed, p.prompt_id, i)) for p in batch.prompts for i in range(gen.n)
         ]
-        outputs = teacher.generate([p.ids for p, _, _ in requests], [s for _, _, s in requests], gen)
+        outputs = teacher.generate(
+            [p.ids for p, _, _ in requests], [s for _, _, s in requests], gen, generation_logprobs
+        )
         if len(outputs) != len(requests):
             raise RuntimeError(f"the engine returned {len(outputs)} responses for {len(requests)} requests")
         rows: list[SampleRow] = []
@@ -136,6 +144,11 @@ def run_generation_unit(
             if kept:
                 sequences = [np.concatenate([rows[j].prompt.ids, rows[j].output.token_ids]) for j in kept]
                 labels = dict(zip(kept, teacher.label(sequences), strict=True))
+            if not generation_logprobs and gen.mean_logprob:
+                for j, lab in labels.items():
+                    start = len(rows[j].prompt.ids) - 1  # label position of the first response token
+                    mean = float(np.mean(lab.target_logprobs[start:], dtype=np.float64))
+                    rows[j] = replace(rows[j], output=replace(rows[j].output, mean_logprob=mean))
         return _Judged(rows, labels, stats)
 
     def store(batch: _PromptBatch, judged: _Judged) -> None:

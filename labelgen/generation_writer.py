@@ -19,6 +19,7 @@ job's are), so a label shard's number may be below its generation shard's.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ class GenerationWriter:
             "response": out.text,
             "response_ids": out.token_ids.tolist(),
             "finish_reason": out.finish_reason,
-            "mean_logprob": out.mean_logprob,
+            "mean_logprob": out.mean_logprob if math.isfinite(out.mean_logprob) else None,
             "seed": row.seed,
             "reference": p.reference,
             "answer": v.answer,

@@ -422,6 +422,11 @@ class GenerateSpec:
     """The score of ``keep: best_of_n``: 'mean_logprob' (the teacher's mean log-prob of the
     response tokens) or ``package.module:function`` returning a float for a
     :class:`labelgen.checks.Sample` (higher is better; ties go to the lower sample index)."""
+    mean_logprob: bool = True
+    """Store each sample's mean teacher log-prob. With ``labels`` it comes free from a kept
+    sample's labels; without labels (or for ``keep: best_of_n`` by mean_logprob) it needs
+    the sampled tokens' log-probs at generation time, which cost vLLM's front end extra
+    work per token (docs/GENERATE.md measures it): false leaves it null there."""
     labels: bool = True
     """Also store teacher labels (top-k per ``labels``, plus draws and hidden states when
     on) for every kept sample's response tokens, prompt masked, in the ordinary label
@@ -457,6 +462,8 @@ class GenerateSpec:
             yield "score", f"must be 'mean_logprob' or package.module:function, got {self.score!r}"
         if not self.prompt_field:
             yield "prompt_field", "must name a record field"
+        if self.keep == "best_of_n" and self.score == "mean_logprob" and not self.mean_logprob:
+            yield "mean_logprob", "must be true for keep: best_of_n with score: mean_logprob (its score)"
         if self.score != "mean_logprob" and self.keep != "best_of_n":
             yield "score", f"is only used by keep: best_of_n (keep is {self.keep!r}); remove it or set keep"
         if self.checks.min_tokens > self.max_tokens:

@@ -129,6 +129,15 @@ def format_report(info: dict[str, Any]) -> str:
         f"({m.labeling['engine_s']:.0f} s of {m.labeling['wall_s']:.0f} s of labeling)",
         f"rejected    {', '.join(f'{k}={v}' for k, v in m.rejected.items()) or 'none'}",
     ]
+    if m.generation:
+        g, stats = m.generation, m.generation.get("stats", {})
+        rejected = {k: v for k, v in stats.get("rejected", {}).items() if v}
+        lines.append(
+            f"generation  {stats.get('prompts')} prompts x n={g.get('sampling', {}).get('n')}: "
+            f"{stats.get('samples')} samples, {stats.get('passed')} passed, {stats.get('kept')} kept "
+            f"(keep {g.get('keep')}); pass@1 {stats.get('pass@1')}, pass@n {stats.get('pass@n')}; "
+            f"rejected samples {', '.join(f'{k}={v}' for k, v in rejected.items()) or 'none'}"
+        )
     if "entropy_nats" in info:
         lines.append(
             f"teacher     mean entropy {info['entropy_nats']:.3f} nats (top-k + tail bucket), "

@@ -42,16 +42,19 @@ class Generation:
     token_ids: np.ndarray  # (R,) int32 response tokens (an EOS that ended it included)
     text: str  # the detokenized response (a stop string that ended it excluded)
     finish_reason: str  # "stop" (EOS, a stop string or id), "length" (max_tokens), or the engine's own
-    mean_logprob: float  # mean raw log-prob (temperature 1) of the response tokens under the teacher
+    mean_logprob: float  # mean raw log-prob (temperature 1) of the response tokens; NaN if not asked
 
 
 class Generator(Teacher, Protocol):
     max_model_len: int
     """The longest prompt + response the engine takes."""
 
-    def generate(self, prompts: list[np.ndarray], seeds: list[int], spec: Any) -> list[Generation]:
+    def generate(
+        self, prompts: list[np.ndarray], seeds: list[int], spec: Any, logprobs: bool = True
+    ) -> list[Generation]:
         """One response per (prompt, seed), in order, sampled as ``spec``
-        (:class:`labelgen.spec.GenerateSpec`) says, each with its own seed."""
+        (:class:`labelgen.spec.GenerateSpec`) says, each with its own seed; ``mean_logprob``
+        is NaN unless ``logprobs``."""
         ...
 
 

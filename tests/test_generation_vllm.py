@@ -136,17 +136,18 @@ def test_a_killed_job_asks_the_same_questions_again_and_its_checks_judge_real_an
     checks = {
         "finished": False,
         "dedup": "none",
-        "format": r".*[aeiou].*",
+        "format": r".*[aeiou]{2}.*",  # two vowels in a row: about 60% of these answers
         "reference": {"field": "ref", "extract": "regex", "pattern": r"(\S+)\s*$"},
         "user": "gen_checks:even_tokens",
     }
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "gen.yaml", _spec(teacher_dir, work / prompts.name, out, checks=checks))
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "labelgen.cli", "generate", str(spec), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         env=env,
     )
@@ -155,8 +156,12 @@ def test_a_killed_job_asks_the_same_questions_again_and_its_checks_judge_real_an
         if list((out / COMMITS_DIR).glob("gen-*.json")):
             break
         time.sleep(0.05)
+    assert proc.poll() is None, (
+        f"the job ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.close()
     assert not (out / "manifest.json").exists(), "the job finished before it could be killed"
     done = _generate(spec)
     assert "generated" in done.stdout, done.stderr[-3000:]

@@ -348,8 +348,11 @@ class CommitLog:
         return shards, units
 
     @staticmethod
-    def record_file(record: ShardRecord | UnitRecord) -> str:
-        """The path, relative to the dataset root, of the commit record of a shard or unit."""
+    def record_file(record: ShardRecord | UnitRecord | GenerationShardRecord) -> str:
+        """The path, relative to the dataset root, of the commit record of a shard, a generation
+        shard or a unit (a generation job's label shard is recorded in its generation shard's)."""
+        if isinstance(record, GenerationShardRecord):
+            return join_url(COMMITS_DIR, generation_record_name(record.unit, record.index))
         if isinstance(record, ShardRecord):
             return join_url(COMMITS_DIR, _shard_record_name(record))
         return join_url(COMMITS_DIR, _unit_record_name(record.unit))

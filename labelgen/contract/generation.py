@@ -14,9 +14,10 @@ A generation job (sequence-level distillation) writes, under its output URL::
 ``datasets.load_dataset("parquet", data_files=f"{url}/generations/*.parquet")`` reads the
 kept samples as a chat SFT set. Label shards are numbered within their unit by themselves
 (a shard whose samples were all rejected has none), so ``shards/part-U-S`` need not be the
-labels of ``generations/part-U-S``: a generation record names its label shard. The label row of a kept sample has the sample id
-``<prompt_id>.<sample>`` (``prompt_id`` = ``<source>#<record>``), the generation row's
-``label_sample_id``; a prompt's samples always sit in the same shard.
+labels of ``generations/part-U-S``: a generation record names its label shard. The label
+row of a kept sample has the sample id ``<prompt_id>.<sample>`` (``prompt_id`` =
+``<source>#<record>``), the generation row's ``label_sample_id``; a prompt's samples always
+sit in the same shard.
 
 A :class:`GenerationShardRecord` is the commit point of one shard: it is written after
 its generation, rejected, label and hidden files are all published, so a crash leaves
@@ -46,6 +47,7 @@ __all__ = [
     "generation_schema",
     "label_sample_id",
     "GenerationShardRecord",
+    "manifest_generation_shards",
 ]
 
 GENERATIONS_DIR = "generations"
@@ -68,7 +70,7 @@ def generation_schema() -> pa.Schema:
             ("response", pa.string()),
             ("response_ids", pa.list_(pa.int32())),
             ("finish_reason", pa.string()),  # "stop" (EOS or a stop string/id) | "length" | ...
-            ("mean_logprob", pa.float32()),  # teacher's mean raw log-prob of the response tokens
+            ("mean_logprob", pa.float32()),  # teacher mean raw log-prob of the response (null: none)
             ("seed", pa.int64()),  # the sampling seed of this (prompt, sample)
             ("reference", pa.string()),  # the record's reference answer (null: none)
             ("answer", pa.string()),  # the final answer taken from the response (null: none)
@@ -118,3 +120,17 @@ class GenerationShardRecord:
     def from_dict(cls, data: object, where: str) -> GenerationShardRecord:
         """A record from parsed JSON, every field checked; FormatError naming ``where`` otherwise."""
         return parse_record(cls, data, where)
+
+
+def manifest_generation_shards(generation: dict[str, Any], where: str) -> list[GenerationShardRecord]:
+    """The generation shard records a manifest's ``generation`` section lists (none for a
+    labeling job's manifest); FormatError naming ``where`` for a record that is not one."""
+    shards = generation.get("shards", [])
+    if not isinstance(shards, list):
+        from labelgen.contract.errors import FormatError
+
+        raise FormatError(f"{where} field 'generation.shards' must be a list of generation shard records")
+    return [
+        GenerationShardRecord.from_dict(item, f"{where} generation.shards[{i}]")
+        for i, item in enumerate(shards)
+    ]

@@ -28,6 +28,7 @@ import fsspec
 
 from labelgen.contract.commits import CommitLog
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, FormatError, Manifest, dataset_file
+from labelgen.contract.generation import manifest_generation_shards
 from labelgen.contract.storage import MIB, is_local, retry
 from labelgen.summary import sample_statistics
 
@@ -54,7 +55,8 @@ class DatasetFile:
     size: int
     sha256: str
     kind: str
-    """``manifest``, ``spec``, ``commit``, ``shard`` or ``hidden``."""
+    """``manifest``, ``spec``, ``commit``, ``shard``, ``hidden``, or a generation job's
+    ``generation`` and ``rejected`` sample files."""
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,23 @@ def _check_commit_log(log: CommitLog, manifest: Manifest, url: str) -> None:
     """Refuse unless the commit log holds exactly the manifest's shard and unit records."""
     try:
         shards, units = log.committed()
+        listed_generations = manifest_generation_shards(manifest.generation, f"{url}/{MANIFEST_NAME}")
+        generations = log.generations() if manifest.generation else []
     except FormatError as exc:
         raise PublishRefused(f"cannot publish {url}: {exc}") from exc
     problems: list[tuple[str, str]] = []
     pairs: list[tuple[dict[Any, Any], dict[Any, Any], str]] = [
-        ({s.path: s for s in manifest.shards}, {s.path: s for s in shards}, "shard"),
         ({u.unit: u for u in manifest.units}, units, "unit"),
     ]
+    if manifest.generation:  # label shards are recorded inside the generation shards' records
+        pairs.append(({g.path: g for g in listed_generations}, {g.path: g for g in generations}, "shard"))
+        labels = [g.labels for g in listed_generations if g.labels is not None]
+        if [s.path for s in labels] != [s.path for s in manifest.shards] or labels != manifest.shards:
+            problems.append(
+                (MANIFEST_NAME, f"{MANIFEST_NAME} lists label shards its generation shards do not record")
+            )
+    else:
+        pairs.append(({s.path: s for s in manifest.shards}, {s.path: s for s in shards}, "shard"))
     for listed, logged, what in pairs:
         for key in sorted(listed.keys() | logged.keys()):
             record = listed.get(key) or logged[key]
@@ -249,6 +261,10 @@ def verify_dataset(url: str, sample_rows: int = 2048, threads: int = 8) -> Verif
     expected += [
         (s.hidden_path, s.hidden_bytes, s.hidden_sha256, "hidden") for s in manifest.shards if s.hidden_path
     ]
+    for g in manifest_generation_shards(manifest.generation, f"{url}/{MANIFEST_NAME}"):
+        expected.append((g.path, g.bytes, g.sha256, "generation"))
+        if g.rejected_path:
+            expected.append((g.rejected_path, g.rejected_bytes, g.rejected_sha256, "rejected"))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         records = list(pool.map(_attempt(lambda p: _read(fs, dataset_file(root, p, url))), names))
         hashed = list(
