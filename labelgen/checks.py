@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from labelgen.contract.generation import CHECK_NAMES
 from labelgen.spec import GenerateSpec
 
 __all__ = [
@@ -60,7 +61,7 @@ REJECTION_REASONS: dict[str, str] = {
 }
 """Every reason a sample can be rejected for, in the order the checks run."""
 
-RESULT_KEYS = ("finished", "length", "format", "reference", "user", "unique")
+RESULT_KEYS = CHECK_NAMES  # the checks a stored sample's ``checks`` struct reports (one home: the format)
 """The keys of :attr:`Verdict.results`."""
 
 ANSWER_MODES = ("as_is", "boxed", "last_number", "regex")
@@ -90,7 +91,10 @@ class Sample:
     finish_reason: str
     """Why generation stopped: 'stop', 'length', or another engine reason."""
     mean_logprob: float
-    """The teacher's mean log-prob of the response tokens."""
+    """The teacher's mean log-prob of the response tokens, from generation-time log-probs: NaN
+    while checks run unless the job asks for those (``generate.labels: false``, or ``keep:
+    best_of_n`` by mean_logprob); with labels, a kept sample's comes from its labels, after
+    the checks."""
     reference: str | None = None
     """The record's reference field (checks.reference.field) as text; None when absent."""
     record: Mapping[str, Any] = field(default_factory=dict)

@@ -194,7 +194,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _generation_summary(manifest, url: str) -> str:
     gen = manifest.generation
     stats, totals = gen["stats"], gen["totals"]
-    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.get("rejected", {}).items())) or "none"
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.get("rejected", {}).items()) if v) or "none"
     labels = (
         f"; labels: {manifest.totals['rows']} sequences / {manifest.totals['label_positions']} positions"
         if gen.get("labels")

@@ -34,6 +34,7 @@ from typing import Any
 
 import fsspec
 
+from labelgen.checks import Checker
 from labelgen.contract.commits import CommitLog
 from labelgen.contract.format import MANIFEST_NAME, SPEC_NAME, Manifest, UnitRecord, join_url
 from labelgen.progress import PROGRESS_NAME, JobProgress, UnitProgress, format_progress
@@ -76,6 +77,8 @@ class _Replica:
 
     def __init__(self, spec: JobSpec, teacher_factory: Callable[[JobSpec], Teacher]):
         self.spec = spec
+        if spec.generate is not None:
+            Checker(spec.generate)  # the user's check imports on this node, before the engine starts
         self.tokenizer = load_tokenizer(spec.teacher)
         self.teacher = teacher_factory(spec)
         self.progress = UnitProgress()

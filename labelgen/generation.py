@@ -31,7 +31,7 @@ import numpy as np
 
 from labelgen.checks import Checker, GenerationStats, Sample
 from labelgen.contract.format import UnitRecord
-from labelgen.contract.generation import GenerationShardRecord
+from labelgen.contract.generation import GenerationShardRecord, first_response_position
 from labelgen.corpus import Rejected
 from labelgen.generation_writer import GenerationWriter, SampleRow, resume_point
 from labelgen.labels import SequenceLabels
@@ -146,7 +146,7 @@ def run_generation_unit(
                 labels = dict(zip(kept, teacher.label(sequences), strict=True))
             if not generation_logprobs and gen.mean_logprob:
                 for j, lab in labels.items():
-                    start = len(rows[j].prompt.ids) - 1  # label position of the first response token
+                    start = first_response_position(len(rows[j].prompt.ids))
                     mean = float(np.mean(lab.target_logprobs[start:], dtype=np.float64))
                     rows[j] = replace(rows[j], output=replace(rows[j].output, mean_logprob=mean))
         return _Judged(rows, labels, stats)

@@ -37,6 +37,7 @@ from labelgen.contract.generation import (
     GENERATIONS_DIR,
     REJECTED_DIR,
     GenerationShardRecord,
+    first_response_position,
     generation_schema,
     label_sample_id,
 )
@@ -172,6 +173,7 @@ class GenerationWriter:
         self._stats.merge(stats)
         assert self._kept is not None
         due = self._kept.written() >= self.shard_bytes
+        due = due or (self._rejected is not None and self._rejected.written() >= self.shard_bytes)
         if self.labels is not None:
             self.labels.flush_full_row_group()
             due = due or self.labels.shard_due()
@@ -196,7 +198,7 @@ class GenerationWriter:
         prompt, response = row.prompt.ids, row.output.token_ids
         ids = np.concatenate([prompt, response]).astype(np.int32)
         mask = np.zeros(len(ids) - 1, dtype=np.uint8)
-        mask[len(prompt) - 1 :] = 1
+        mask[first_response_position(len(prompt)) :] = 1
         return PackedSequence(label_sample_id(row.prompt.prompt_id, row.sample), ids, mask)
 
     def _row(self, row: SampleRow) -> dict[str, Any]:

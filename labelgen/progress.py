@@ -202,7 +202,7 @@ def _reasons(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     if not total:
         return "0"
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    top = sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: (-kv[1], kv[0]))
     return f"{total:,} (" + ", ".join(f"{reason} {count:,}" for reason, count in top) + ")"
 
 
@@ -238,24 +238,27 @@ class ProgressBar(UnitProgress):
         self._tokens += tokens
         self._sequences += sequences
         self.bar.update(self._base + source_bytes - self.bar.n)
-        rate = self._tokens / max(time.monotonic() - self.job.start, 1e-9)
-        busy = _fraction(self.job.busy_fraction())
-        self.bar.set_postfix_str(
-            f"seq={self._sequences} tok={self._tokens} tok/s={rate:,.0f} busy={busy} rejected={rejected}",
-            refresh=False,
-        )
+        self._postfix(rejected)
 
     def add_generation(self, stats: GenerationStats) -> None:
         super().add_generation(stats)
         self.job.update_unit(self.snapshot())
-        gen = self.job.generation_stats()
+        self._postfix(self.rejected)
+
+    def _postfix(self, rejected: int) -> None:
         rate = self._tokens / max(time.monotonic() - self.job.start, 1e-9)
         busy = _fraction(self.job.busy_fraction())
-        self.bar.set_postfix_str(
-            f"prompts={gen.prompts} samples={gen.samples} kept={gen.kept} "
-            f"rejected={_reasons(gen.rejected)} tok/s={rate:,.0f} busy={busy}",
-            refresh=False,
-        )
+        gen = self.job.generation_stats()
+        if gen.samples:  # a generation job: tokens are response tokens
+            text = (
+                f"prompts={gen.prompts} samples={gen.samples} kept={gen.kept} "
+                f"rejected={_reasons(gen.rejected)} tok/s={rate:,.0f} busy={busy}"
+            )
+        else:
+            text = (
+                f"seq={self._sequences} tok={self._tokens} tok/s={rate:,.0f} busy={busy} rejected={rejected}"
+            )
+        self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -46,6 +46,7 @@ from labelgen.labels import SequenceLabels
 from labelgen.packing import PackedSequence, pack
 from labelgen.pipeline import DEFAULT_DEPTH, run_overlapped
 from labelgen.progress import JobProgress, ProgressBar, UnitProgress
+from labelgen.prompts import prompt_corpus
 from labelgen.provenance import check_model_path, load_tokenizer, tokenizer_info, weights_fingerprint
 from labelgen.spec import JobSpec
 from labelgen.teacher import Teacher, load_teacher
@@ -232,7 +233,9 @@ def plan_job(spec: JobSpec, log: Callable[[str], None] = lambda msg: None) -> Jo
     missing model fail here, before any model loads; with ``corpus.on_bad_source: skip``
     unreadable sources are left out (and listed in :attr:`JobPlan.skipped`).
     """
-    sources, skipped = check_sources(resolve_sources(spec.corpus), spec.corpus)
+    # A generation job's sources are read as prompts, and checked for the prompt fields.
+    corpus = spec.corpus if spec.generate is None else prompt_corpus(spec)
+    sources, skipped = check_sources(resolve_sources(spec.corpus), corpus)
     for name, reason in skipped.items():
         log(f"skipping corpus source {name}: {reason}")
     check_model_path(spec.teacher.model)

@@ -551,10 +551,11 @@ class JobSpec:
                     "must be true when hidden.layers or labels.draws is set (they are teacher labels of "
                     "the kept samples); set it to true, or turn those off",
                 )
-            if limit is not None and gen.max_tokens >= limit:
+            if limit is not None and gen.max_tokens + 1 >= limit:
                 yield (
                     "generate.max_tokens",
-                    f"({gen.max_tokens}) must be < teacher.max_model_len ({limit}): prompts need room too",
+                    f"({gen.max_tokens}) must be < teacher.max_model_len - 1 ({limit - 1}): the prompt needs "
+                    "room, and labeling a response asks for one token more",
                 )
 
     def to_dict(self) -> dict[str, Any]:

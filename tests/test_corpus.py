@@ -261,14 +261,14 @@ def test_a_source_that_breaks_mid_read_names_the_file(tmp_path):
 
 
 def test_every_rejection_reason_is_declared_and_documented():
-    """The reasons the reader and packing emit are the ones REJECTION_REASONS and FORMAT.md list."""
+    """The reasons the reader, packing and prompts emit are the ones REJECTION_REASONS and FORMAT.md list."""
     import ast
 
     from helpers import REPO
     from labelgen.corpus import REJECTION_REASONS
 
     emitted = set()
-    for module in ("labelgen/corpus.py", "labelgen/packing.py"):
+    for module in ("labelgen/corpus.py", "labelgen/packing.py", "labelgen/prompts.py"):
         for node in ast.walk(ast.parse((REPO / module).read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Rejected":
                 emitted.update(

@@ -251,7 +251,7 @@ def test_generation_errors_name_the_field_and_the_fix(teacher_dir, prompt_dir, t
         "generate.n must be 1 with temperature 0",
         "generate.top_p must be in (0, 1]",
         "generate.labels must be true when hidden.layers",
-        "generate.max_tokens (64) must be < teacher.max_model_len (64)",
+        "generate.max_tokens (64) must be < teacher.max_model_len - 1 (63)",
     ):
         assert expected in text
 

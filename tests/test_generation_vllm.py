@@ -109,8 +109,9 @@ def test_labels_of_generated_tokens_match_transformers_fp32_with_the_prompt_mask
         torch.testing.assert_close(top_lps, ref_vals, atol=1e-4, rtol=0)
         target = torch.tensor(lab["target_logprobs"], dtype=torch.float64)
         torch.testing.assert_close(target, ref[torch.arange(t - 1), torch.tensor(ids[1:])], atol=1e-4, rtol=0)
-        # The generation-time mean log-prob is the teacher's, as the prefill computes it.
-        assert gen["mean_logprob"] == pytest.approx(float(target[p - 1 :].mean()), abs=1e-3)
+        # With labels, the mean log-prob is the labels' (the other test compares it with
+        # generation-time log-probs).
+        assert gen["mean_logprob"] == pytest.approx(float(target[p - 1 :].mean()), abs=1e-5)
 
 
 def _last_word(text: str) -> str | None:
@@ -141,7 +142,10 @@ def test_a_killed_job_asks_the_same_questions_again_and_its_checks_judge_real_an
         "user": "gen_checks:even_tokens",
     }
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "gen.yaml", _spec(teacher_dir, work / prompts.name, out, checks=checks))
+    # No labels: the samples' mean log-probs then come from generation-time log-probs, which
+    # must equal the first job's, taken from its labels (a prefill of prompt + response).
+    raw = _spec(teacher_dir, work / prompts.name, out, checks=checks, labels=False)
+    spec = write_spec(tmp_path / "gen.yaml", raw)
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(
@@ -173,6 +177,7 @@ def test_a_killed_job_asks_the_same_questions_again_and_its_checks_judge_real_an
     for row in rows:
         again = first[(row["prompt_id"], row["sample"])]
         assert (row["response_ids"], row["seed"]) == (again["response_ids"], again["seed"])
+        assert row["mean_logprob"] == pytest.approx(again["mean_logprob"], abs=1e-3)
         text = row["response"]
         want = None
         if not re.fullmatch(checks["format"], text, re.DOTALL):

@@ -27,7 +27,8 @@ def read_manifest(url: str) -> Manifest:
         committed = CommitLog(fs, root).count_shards()
         hint = (
             f"{committed} shard(s) are committed, so a labeling job is still running or was "
-            "interrupted; re-run `labelgen run` with the same spec to finish it"
+            "interrupted; re-run the job with the same spec to finish it (`labelgen run`, or "
+            "`labelgen generate`)"
             if committed
             else "check the URL (run `labelgen inspect URL`)"
         )

@@ -46,6 +46,7 @@ __all__ = [
     "CHECK_NAMES",
     "generation_schema",
     "label_sample_id",
+    "first_response_position",
     "GenerationShardRecord",
     "manifest_generation_shards",
 ]
@@ -83,6 +84,12 @@ def generation_schema() -> pa.Schema:
             ("label_sample_id", pa.string()),  # its label row's sample_id (null: no labels)
         ]
     )
+
+
+def first_response_position(prompt_tokens: int) -> int:
+    """The label position of a sample's first response token (position t holds token t+1):
+    positions before it are the prompt's, masked in the sample's label row."""
+    return prompt_tokens - 1
 
 
 def label_sample_id(prompt_id: str, sample: int) -> str:

@@ -134,9 +134,7 @@ def _check_commit_log(log: CommitLog, manifest: Manifest, url: str) -> None:
     except FormatError as exc:
         raise PublishRefused(f"cannot publish {url}: {exc}") from exc
     problems: list[tuple[str, str]] = []
-    pairs: list[tuple[dict[Any, Any], dict[Any, Any], str]] = [
-        ({u.unit: u for u in manifest.units}, units, "unit"),
-    ]
+    pairs: list[tuple[dict[Any, Any], dict[Any, Any], str]] = []
     if manifest.generation:  # label shards are recorded inside the generation shards' records
         pairs.append(({g.path: g for g in listed_generations}, {g.path: g for g in generations}, "shard"))
         labels = [g.labels for g in listed_generations if g.labels is not None]
@@ -146,6 +144,7 @@ def _check_commit_log(log: CommitLog, manifest: Manifest, url: str) -> None:
             )
     else:
         pairs.append(({s.path: s for s in manifest.shards}, {s.path: s for s in shards}, "shard"))
+    pairs.append(({u.unit: u for u in manifest.units}, units, "unit"))
     for listed, logged, what in pairs:
         for key in sorted(listed.keys() | logged.keys()):
             record = listed.get(key) or logged[key]
@@ -231,7 +230,8 @@ def verify_dataset(url: str, sample_rows: int = 2048, threads: int = 8) -> Verif
         raise PublishRefused(
             f"cannot publish {url}: it has no {MANIFEST_NAME}, so the dataset is incomplete or still being "
             f"written ({committed} shard(s) committed so far); wait for its labeling job to finish, or "
-            "re-run the job (`labelgen run` with the same spec) if it stopped, then publish again",
+            "re-run the job with the same spec (`labelgen run`, or `labelgen generate`) if it stopped, then "
+            "publish again",
             MANIFEST_NAME,
         )
     try:
