@@ -15,8 +15,9 @@ Run from the repository root (``bash examples/generate_demo.sh`` sets up and run
 4. ``students train manifests/students/arithmetic.yaml`` three times, the same student
    for the same steps: (a) SFT on the kept teacher answers, (b) the same answers with
    top-k KD, (c) SFT on the reference solutions;
-5. prints, on held-out prompts, each student's accuracy against the references and its
-   agreement with the teacher's greedy answer.
+5. prints, on held-out prompts, each student's accuracy against the references (greedy,
+   and one sample at the teacher's T=0.6) and its agreement with the teacher's greedy
+   answer.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ BIN = Path(sys.executable).parent
 HELDOUT = 300
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arithmetic import build_teacher, check_answer, extract_boxed, greedy_answers, make_records  # noqa: E402
+from arithmetic import (  # noqa: E402
+    build_teacher,
+    check_answer,
+    extract_boxed,
+    greedy_answers,
+    make_records,
+    sample_answers,
+)
 
 
 def step(title: str) -> None:
@@ -87,7 +95,7 @@ def main() -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="delete demo-output/arithmetic first")
     parser.add_argument("--prompts", type=int, default=1024, help="training prompts the teacher answers")
-    parser.add_argument("--steps", type=int, default=400, help="training steps of every student")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every student")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.fresh and WORK.exists():
@@ -130,24 +138,34 @@ def main() -> int:
     step("5/5 held-out prompts: accuracy against the references, agreement with the teacher")
     heldout = [json.loads(line) for line in (WORK / "prompts" / "heldout.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in heldout]
-    teacher = greedy_answers(WORK / "teacher", prompts, max_new_tokens=96)
-    teacher_answers = [answer(t) for t in teacher]
-    rows = [("teacher (greedy)", teacher)]
-    for name, (directory, _) in runs.items():
-        rows.append((name, greedy_answers(WORK / directory / "final", prompts, max_new_tokens=96)))
+    models = {"teacher": WORK / "teacher"}
+    models.update({name: WORK / directory / "final" for name, (directory, _) in runs.items()})
+    greedy = {name: greedy_answers(path, prompts, max_new_tokens=96) for name, path in models.items()}
+    sampled = {
+        name: [s[0] for s in sample_answers(path, prompts, n=1, temperature=0.6, max_new_tokens=96, seed=0)]
+        for name, path in models.items()
+    }
+    teacher_answers = [answer(t) for t in greedy["teacher"]]
     print(
         f"the teacher answered {stats['prompts']} prompts x 4: {stats['passed']} of {stats['samples']} "
         f"samples right (pass@1 {stats['pass@1']:.3f}, pass@4 {stats['pass@n']:.3f}); kept {stats['kept']} "
         f"(exact duplicates of a kept answer dropped)\n"
     )
-    print(f"| {'model':<34} | accuracy | agrees with teacher |")
-    print(f"|{'-' * 36}|----------|---------------------|")
-    for name, outputs in rows:
-        right = sum(check_answer(o, r["answer"]) for o, r in zip(outputs, heldout, strict=True))
+
+    def accuracy(outputs: list[str]) -> float:
+        return sum(check_answer(o, r["answer"]) for o, r in zip(outputs, heldout, strict=True)) / len(heldout)
+
+    print(f"| {'model':<34} | accuracy, greedy | accuracy, T=0.6 | agrees with teacher (greedy) |")
+    print(f"|{'-' * 36}|------------------|-----------------|------------------------------|")
+    for name in models:
         agree = sum(
-            answer(o) is not None and answer(o) == t for o, t in zip(outputs, teacher_answers, strict=True)
+            answer(o) is not None and answer(o) == t
+            for o, t in zip(greedy[name], teacher_answers, strict=True)
         )
-        print(f"| {name:<34} | {right / len(heldout):>8.1%} | {agree / len(heldout):>19.1%} |")
+        print(
+            f"| {name:<34} | {accuracy(greedy[name]):>16.1%} | {accuracy(sampled[name]):>15.1%} | "
+            f"{agree / len(heldout):>28.1%} |"
+        )
     print(
         f"\n{len(heldout)} held-out prompts; demo took {time.monotonic() - started:.0f}s. "
         f"Outputs under {WORK}."
