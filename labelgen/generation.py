@@ -34,12 +34,12 @@ from labelgen.contract.format import UnitRecord
 from labelgen.contract.generation import GenerationShardRecord, first_response_position
 from labelgen.corpus import Rejected
 from labelgen.generation_writer import GenerationWriter, SampleRow, resume_point
-from labelgen.labels import SequenceLabels
+from labelgen.labels import Generation, SequenceLabels
 from labelgen.pipeline import DEFAULT_DEPTH, run_overlapped
 from labelgen.progress import UnitProgress
 from labelgen.prompts import Prompt, build_prompt, prompt_corpus, sample_seed
 from labelgen.spec import JobSpec
-from labelgen.teacher import Generation, Generator
+from labelgen.teacher import Generator
 from labelgen.units import WorkUnit, read_unit, unit_sha256
 
 __all__ = ["run_generation_unit", "generation_manifest_part"]

@@ -42,11 +42,10 @@ from labelgen.contract.generation import (
     label_sample_id,
 )
 from labelgen.contract.storage import MIB, publish_file
-from labelgen.labels import SequenceLabels
+from labelgen.labels import Generation, SequenceLabels
 from labelgen.packing import PackedSequence
 from labelgen.prompts import Prompt
 from labelgen.spec import JobSpec
-from labelgen.teacher import Generation
 from labelgen.writer import ShardWriter, _sha256_file
 
 __all__ = ["GenerationWriter", "SampleRow", "ResumePoint", "resume_point"]

@@ -2,7 +2,8 @@
 
 Position t holds the distribution of token t+1 given tokens 0..t (the label format's
 convention, :mod:`labelgen.contract.format`). Any teacher (vLLM, a test fake, your
-own) returns one :class:`SequenceLabels` per sequence; the writer checks its shapes.
+own) returns one :class:`SequenceLabels` per sequence; the writer checks its shapes. A
+generation job's teacher returns one :class:`Generation` per sampled response.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SequenceLabels"]
+__all__ = ["SequenceLabels", "Generation"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,13 @@ class SequenceLabels:
                 + ". A Teacher must return one SequenceLabels per sequence with these shapes "
                 "(labelgen/labels.py)"
             )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled response."""
+
+    token_ids: np.ndarray  # (R,) int32 response tokens (an EOS that ended it included)
+    text: str  # the detokenized response (a stop string that ended it excluded)
+    finish_reason: str  # "stop" (EOS, a stop string or id), "length" (max_tokens), or the engine's own
+    mean_logprob: float  # mean raw log-prob (temperature 1) of the response tokens; NaN if not asked

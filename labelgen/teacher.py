@@ -10,15 +10,14 @@ without vLLM installed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from labelgen.labels import SequenceLabels
+from labelgen.labels import Generation, SequenceLabels
 from labelgen.spec import JobSpec
 
-__all__ = ["Teacher", "Generator", "Generation", "load_teacher"]
+__all__ = ["Teacher", "Generator", "load_teacher"]
 
 
 class Teacher(Protocol):
@@ -33,16 +32,6 @@ class Teacher(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One sampled response."""
-
-    token_ids: np.ndarray  # (R,) int32 response tokens (an EOS that ended it included)
-    text: str  # the detokenized response (a stop string that ended it excluded)
-    finish_reason: str  # "stop" (EOS, a stop string or id), "length" (max_tokens), or the engine's own
-    mean_logprob: float  # mean raw log-prob (temperature 1) of the response tokens; NaN if not asked
 
 
 class Generator(Teacher, Protocol):

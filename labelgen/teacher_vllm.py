@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from labelgen.labels import SequenceLabels
+from labelgen.labels import Generation, SequenceLabels
 from labelgen.spec import GenerateSpec, JobSpec
-from labelgen.teacher import Generation
 
 __all__ = ["VllmTeacher", "aux_additional_config"]
 
@@ -133,7 +132,11 @@ class VllmTeacher:
             self.extraction = self._install_hook(spec)
         if self.extraction == "hook":
             self._params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        self.max_model_len = int(self._llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + response the engine takes."""
+        return int(self._llm.llm_engine.model_config.max_model_len)
 
     def generate(
         self, prompts: list[np.ndarray], seeds: list[int], spec: GenerateSpec, logprobs: bool = True

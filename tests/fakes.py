@@ -81,7 +81,7 @@ class FakeGenerator(FakeTeacher):
         self.requests: list[tuple[tuple[int, ...], int]] = []
 
     def generate(self, prompts, seeds, spec, logprobs=True):
-        from labelgen.teacher import Generation
+        from labelgen.labels import Generation
 
         out = []
         for ids, seed in zip(prompts, seeds, strict=True):
