@@ -210,12 +210,7 @@ def source_sha256(source: Source) -> str:
     """sha256 of the source's bytes (all files, in sorted order, for a directory)."""
     fs, path = fsspec.core.url_to_fs(source.url)
     files = sorted(fs.find(path)) if source.format == "hf" else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        with fs.open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return _files_sha256(fs, files)
 
 
 def bytes_sha256(url: str, start: int, stop: int) -> str:
@@ -241,10 +236,20 @@ def bytes_sha256(url: str, start: int, stop: int) -> str:
 
 
 def files_sha256(urls: Iterable[str]) -> str:
-    """sha256 of the files at ``urls``, their bytes one after another in the order given."""
+    """sha256 of the files at ``urls`` (on one filesystem: a source's files), their bytes one
+    after another in the order given."""
+    urls = list(urls)
+    if not urls:
+        return hashlib.sha256().hexdigest()
+    fs, first = fsspec.core.url_to_fs(urls[0])
+    return _files_sha256(fs, [first, *(fsspec.core.url_to_fs(url)[1] for url in urls[1:])])
+
+
+def _files_sha256(fs: Any, paths: Iterable[str]) -> str:
+    """sha256 of the files at ``paths`` on ``fs``, their bytes one after another."""
     digest = hashlib.sha256()
-    for url in urls:
-        with fsspec.open(url, "rb") as f:
+    for path in paths:
+        with fs.open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
