@@ -117,10 +117,21 @@ def test_the_catalog_client_imports_only_the_contract():
 
 def test_the_web_framework_and_the_database_layer_stay_in_the_service():
     homes = {
-        ("fastapi", "starlette", "uvicorn", "anyio"): {"labelgen.service.app", "labelgen.service.server"},
+        ("fastapi", "starlette", "uvicorn", "anyio"): {
+            "labelgen.service.app",
+            "labelgen.service.server",
+            "labelgen.service.routes_trust",
+            "labelgen.service.routes_runs",
+            "labelgen.service.routes_jobs",
+            "labelgen.service.web",
+        },
         ("sqlalchemy", "alembic"): {
             "labelgen.service.db",
             "labelgen.service.store",
+            "labelgen.service.trust",
+            "labelgen.service.runs",
+            "labelgen.service.jobs",
+            "labelgen.service.tracker",
             "labelgen.service.migrations",
         },
     }

@@ -685,6 +685,72 @@ class CatalogClient:
             "POST", "/v1/runs", {"ref": str(parsed), "name": name, "config": dict(config or {})}
         )
 
+    # ---- trust: signing keys, signatures, attestations (docs/TRUST.md) --------------------------
+    def register_key(self, team: str, public_key: str, name: str) -> dict[str, Any]:
+        """Register an ed25519 public key (64 hex characters) for signing ``team``'s versions
+        (writers; the key is the caller's own); the key object (``key_id``, ``owner``, …)."""
+        body = {"public_key": public_key, "name": check_name("key name", name)}
+        return self.request("POST", f"/v1/teams/{_segment('team', team)}/keys", body)
+
+    def list_keys(self, team: str) -> list[dict[str, Any]]:
+        """``team``'s signing keys, revoked ones included (their ``revoked_at`` set)."""
+        return (self.request("GET", f"/v1/teams/{_segment('team', team)}/keys") or {}).get("keys", [])
+
+    def revoke_key(self, team: str, key_id: str) -> Any:
+        """Revoke a signing key: signatures made with it no longer count (its owner or team admins)."""
+        return self.request("DELETE", f"/v1/teams/{_segment('team', team)}/keys/{_segment('key id', key_id)}")
+
+    def sign_version(self, ref: str | DatasetRef, key_id: str, signature: str) -> dict[str, Any]:
+        """Attach ``signature`` (128 hex characters: ed25519 over the manifest sha256, see
+        :mod:`labelgen.contract.signatures`) made with the caller's key ``key_id`` to ``ref``."""
+        body = {"key_id": key_id, "signature": signature}
+        return self.request("POST", f"{_version_path(ref)}/signatures", body)
+
+    def attest(self, ref: str | DatasetRef, report: Mapping[str, Any]) -> dict[str, Any]:
+        """Post an audit report (``labelgen audit``'s, without its sampled rows) as an
+        attestation on ``ref``; the attestation object."""
+        return self.request("POST", f"{_version_path(ref)}/attestations", {"report": dict(report)})
+
+    def trust(self, ref: str | DatasetRef) -> dict[str, Any]:
+        """What vouches for ``ref``: ``{"ref", "manifest_sha256", "signatures", "attestations",
+        "keys", "signed", "audited"}`` as the service sees it (verify the signatures yourself:
+        :func:`labelgen.catalog.trust.check_version`)."""
+        return self.request("GET", f"{_version_path(ref)}/trust")
+
+    # ---- runs: lineage and training metrics ----------------------------------------------------
+    def run(self, run_id: int) -> dict[str, Any]:
+        """Run ``run_id``: its version, user, config and metrics (``{"metrics": [{"step", …}]}``)."""
+        return self.request("GET", f"/v1/runs/{int(run_id)}")
+
+    def report_metrics(self, run_id: int, records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Append training metrics to run ``run_id``: records of ``{"step": int, NAME: number, …}``
+        (a step sent again with the same values is ignored); ``{"stored": N}``."""
+        return self.request(
+            "POST", f"/v1/runs/{int(run_id)}/metrics", {"records": [dict(r) for r in records]}
+        )
+
+    # ---- jobs: labeling and generation jobs run by the service ---------------------------------
+    def submit_job(self, dataset: str | DatasetRef, spec: str, aliases: Iterable[str] = ()) -> dict[str, Any]:
+        """Submit job spec ``spec`` (YAML text, overrides applied) to the service's cluster;
+        once its manifest lands it is published as the next version of ``dataset`` (writers of
+        its team); the job object (``id``, ``state``, …)."""
+        parsed = dataset if isinstance(dataset, DatasetRef) else parse_ref(dataset)
+        body = {
+            "dataset": f"{parsed.team}/{parsed.name}",
+            "spec": spec,
+            "aliases": [check_name("alias", a) for a in aliases],
+        }
+        return self.request("POST", "/v1/jobs", body)
+
+    def list_jobs(self, team: str | None = None) -> list[dict[str, Any]]:
+        """Jobs of the teams the caller belongs to (or of ``team``), newest first."""
+        query = f"?{urlencode({'team': check_name('team', team)})}" if team is not None else ""
+        return (self.request("GET", f"/v1/jobs{query}") or {}).get("jobs", [])
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        """Job ``job_id``: state, progress, error and the version it published."""
+        return self.request("GET", f"/v1/jobs/{int(job_id)}")
+
     def audit(
         self, team: str | None = None, action: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

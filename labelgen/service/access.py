@@ -10,6 +10,10 @@ read       any member of the owning team; members of a team it is shared with; e
 publish    writers and admins of the owning team (a new version, a new dataset)
 alias      writers and admins of the owning team (move or delete an alias)
 grant      admins of the owning team (share or unshare); team admins also manage members
+sign       writers and admins of the owning team (register a signing key, sign a version)
+attest     anyone who may read it (an audit by someone outside the owning team is shown,
+           but only the owning team's members' and organisation admins' audits are trusted)
+submit     writers and admins of the team the job publishes into
 =========  ==========================================================================
 
 Sharing gives read access only: a team a dataset is shared with cannot publish, move
@@ -26,8 +30,16 @@ __all__ = ["ROLES", "ACTIONS", "check_role", "rank", "allowed", "needed_role"]
 
 ROLES = ("reader", "writer", "admin")
 """Team roles, weakest first."""
-ACTIONS = ("read", "publish", "alias", "grant")
-_NEEDS = {"read": "reader", "publish": "writer", "alias": "writer", "grant": "admin"}
+ACTIONS = ("read", "publish", "alias", "grant", "sign", "attest", "submit")
+_NEEDS = {
+    "read": "reader",
+    "publish": "writer",
+    "alias": "writer",
+    "grant": "admin",
+    "sign": "writer",
+    "attest": "reader",
+    "submit": "writer",
+}
 
 
 def check_role(role: object) -> str:
@@ -61,6 +73,6 @@ def allowed(
         return True
     if rank(roles.get(owner)) >= rank(_NEEDS[action]):
         return True
-    if action == "read":
+    if action in ("read", "attest"):
         return "*" in shares or any(team in roles for team in shares)
     return False

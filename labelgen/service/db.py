@@ -35,10 +35,16 @@ __all__ = [
     "Run",
     "AuditEvent",
     "Setting",
+    "SigningKey",
+    "Signature",
+    "Attestation",
+    "RunMetric",
+    "Job",
     "default_db_url",
     "describe_db",
     "open_catalog",
     "now",
+    "iso",
 ]
 
 
@@ -174,6 +180,85 @@ class Setting(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     value: Mapped[str] = mapped_column(sa.Text)
+
+
+class SigningKey(Base):
+    """A team's ed25519 public key: signatures made with it vouch for that team's versions
+    while it is not revoked and its owner may still publish in the team."""
+
+    __tablename__ = "signing_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_id: Mapped[int] = mapped_column(sa.ForeignKey("teams.id"), index=True)
+    key_id: Mapped[str] = mapped_column(sa.String(16), unique=True)  # sha256(public key)[:16] hex
+    public_key: Mapped[str] = mapped_column(sa.String(64))  # the raw 32-byte key, hex
+    name: Mapped[str] = mapped_column(sa.String(64))
+    owner: Mapped[str] = mapped_column(sa.String(64))  # the user who registered it (the signer)
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    revoked_by: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+
+
+class Signature(Base):
+    """An ed25519 signature of a version's manifest sha256 (never changed once made)."""
+
+    __tablename__ = "signatures"
+    __table_args__ = (sa.UniqueConstraint("version_id", "key_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(sa.ForeignKey("versions.id"), index=True)
+    key_id: Mapped[str] = mapped_column(sa.String(16))
+    signature: Mapped[str] = mapped_column(sa.String(128))  # 64 bytes, hex
+    signer: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class Attestation(Base):
+    """The outcome of a ``labelgen audit`` of a version, posted by its auditor (never changed)."""
+
+    __tablename__ = "attestations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(sa.ForeignKey("versions.id"), index=True)
+    auditor: Mapped[str] = mapped_column(sa.String(64))
+    passed: Mapped[bool]
+    rows: Mapped[int] = mapped_column(default=0)
+    positions: Mapped[int] = mapped_column(default=0)
+    report: Mapped[str] = mapped_column(sa.Text)  # JSON: the audit report (without sampled rows)
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class RunMetric(Base):
+    """One step's metrics of a student run (loss terms, KL, top-1 agreement, lr, T)."""
+
+    __tablename__ = "run_metrics"
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id"), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True)
+    values: Mapped[str] = mapped_column(sa.Text)  # JSON object: name → number
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+class Job(Base):
+    """A labeling or generation job submitted through the service, from spec to version."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_id: Mapped[int] = mapped_column(sa.ForeignKey("teams.id"), index=True)
+    dataset: Mapped[str] = mapped_column(sa.String(64))  # publish as team/dataset
+    aliases: Mapped[str] = mapped_column(sa.String(256), default="")  # comma-separated
+    spec: Mapped[str] = mapped_column(sa.Text)  # the job spec YAML, overrides applied
+    output_url: Mapped[str] = mapped_column(sa.String(1024))
+    submitter: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[str] = mapped_column(sa.String(16), index=True)
+    # submitting | running | publishing | published | failed | stopped
+    ray_job_id: Mapped[str | None] = mapped_column(sa.String(128), default=None)
+    progress: Mapped[str | None] = mapped_column(sa.Text, default=None)  # JSON: _progress.json
+    error: Mapped[str] = mapped_column(sa.Text, default="")
+    version_number: Mapped[int | None] = mapped_column(default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=now)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=now)
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with its offset; None stays None."""
+    return None if value is None else value.replace(tzinfo=dt.UTC).isoformat()
 
 
 def default_db_url(data_dir: str | os.PathLike[str] | None = None) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["HEAD", "upgrade", "current"]
 
-HEAD = "0001"
+HEAD = "0002"
 """The newest revision (tests check the tables it creates match :mod:`labelgen.service.db`)."""
 
 
