@@ -755,7 +755,7 @@ def test_verbs_parse_and_refuse_bad_names(catalog, capsys):
     for argv in (
         ["token", "revoke", "3"],
         ["teams", "add-member", "nlp", "bob", "--role", "reader"],
-        ["audit"],
+        ["audit-log"],
     ):
         assert _parse(argv).catalog_handler is not None
     assert set(commands.COMMANDS) >= {"login", "publish", "datasets", "share", "unshare"}
@@ -786,12 +786,12 @@ def test_dataset_filters_and_audit_listing(catalog, capsys):
         }
     ]
     capsys.readouterr()
-    assert commands.run(_parse(["audit", "--service", service])) == 0
+    assert commands.run(_parse(["audit-log", "--service", service])) == 0
     header, row = capsys.readouterr().out.splitlines()
     assert header.split()[:3] == ["AT", "USER", "ACTION"]
     assert row.split()[:6] == ["2025-01-01T00:00:00", "alice", "alias.move", "nlp", "nlp/web", "ok"]
     with pytest.raises(SystemExit):
-        _parse(["audit", "--help"])
+        _parse(["audit-log", "--help"])
     assert "alias.move" in capsys.readouterr().out
 
 

@@ -8,7 +8,9 @@
     labelgen teams create NAME | teams add-member TEAM USER --role R | teams remove-member TEAM USER
     labelgen alias set team/name ALIAS VERSION | alias delete team/name ALIAS
     labelgen share team/name GRANTEE | unshare team/name GRANTEE   (GRANTEE: a team, or '*')
-    labelgen audit [--team T] [--action A] [--limit N] [--json]
+    labelgen audit-log [--team T] [--action A] [--limit N] [--json]
+    labelgen keys new|register|list|revoke | sign | verify   signatures (trust_commands)
+    labelgen jobs list|show                                  jobs the service runs (job_commands)
 
 Every verb but ``login`` takes ``--service HOST:PORT`` (default ``$LABELGEN_SERVICE``, else
 the last ``labelgen login``). Wiring into ``labelgen.cli``: :func:`add_commands` on its
@@ -24,26 +26,49 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from labelgen.catalog.cli_common import (
+    catalog_url,
+    client_of,
+    group,
+    leaf,
+    print_json,
+    size,
+    table,
+)
 from labelgen.catalog.client import (
     CatalogClient,
     CatalogError,
-    default_service,
     parse_service,
     save_login,
 )
 from labelgen.catalog.names import InvalidName, check_name, new_token, parse_ref
+from labelgen.catalog.trust import TrustRefused, catalog_trust_lines, trust_label
+from labelgen.contract.signatures import SignatureError
 from labelgen.contract.storage import MIB
 
-__all__ = ["COMMANDS", "USER_ERRORS", "add_commands", "run", "card_lines"]
+__all__ = ["COMMANDS", "USER_ERRORS", "add_commands", "run", "card_lines", "catalog_url"]
 
-COMMANDS = ("login", "publish", "datasets", "token", "teams", "alias", "share", "unshare", "audit")
+COMMANDS = (
+    "login",
+    "publish",
+    "datasets",
+    "token",
+    "teams",
+    "alias",
+    "share",
+    "unshare",
+    "audit-log",
+    "keys",
+    "sign",
+    "verify",
+    "jobs",
+)
 """The top-level verbs :func:`add_commands` adds."""
-USER_ERRORS: tuple[type[Exception], ...] = (CatalogError, InvalidName)
+USER_ERRORS: tuple[type[Exception], ...] = (CatalogError, InvalidName, SignatureError, TrustRefused)
 """Exceptions a verb raises for a refused or mistaken request: print, exit 2."""
-_SERVICE_HELP = "catalog service HOST:PORT (default: $LABELGEN_SERVICE, else the last `labelgen login`)"
 
 
 # --------------------------------------------------------------------------- parsers
@@ -60,23 +85,14 @@ def add_commands(sub: Any) -> None:
     _add_alias(sub)
     _add_share(sub)
     _add_audit(sub)
+    from labelgen.catalog import job_commands, trust_commands
 
-
-def _leaf(sub: Any, name: str, handler: Any, help_text: str, service: bool = True) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    if service:
-        p.add_argument("--service", default=None, metavar="HOST:PORT", help=_SERVICE_HELP)
-    p.set_defaults(catalog_handler=handler)
-    return p
-
-
-def _group(sub: Any, name: str, help_text: str) -> Any:
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    return p.add_subparsers(dest=f"{name}_verb", required=True, metavar="VERB")
+    trust_commands.add_commands(sub)
+    job_commands.add_commands(sub)
 
 
 def _add_login(sub: Any) -> None:
-    p = _leaf(sub, "login", _login, "store a token for a catalog service (checked first)", service=False)
+    p = leaf(sub, "login", _login, "store a token for a catalog service (checked first)", service=False)
     p.add_argument("service", metavar="HOST[:PORT]", help="the service, e.g. catalog.internal:8470")
     p.add_argument(
         "--token",
@@ -87,7 +103,7 @@ def _add_login(sub: Any) -> None:
 
 
 def _add_publish(sub: Any) -> None:
-    p = _leaf(sub, "publish", _publish, "verify a finished label dataset and register it as a new version")
+    p = leaf(sub, "publish", _publish, "verify a finished label dataset and register it as a new version")
     p.add_argument("url", help="the dataset's URL (s3://..., or a path the service can read)")
     p.add_argument("dataset", metavar="team/name", help="the catalog dataset it becomes a version of")
     p.add_argument("--alias", action="append", default=[], help="also point this alias at it (repeatable)")
@@ -95,8 +111,8 @@ def _add_publish(sub: Any) -> None:
 
 
 def _add_datasets(sub: Any) -> None:
-    verbs = _group(sub, "datasets", "list and show catalog datasets")
-    p = _leaf(verbs, "list", _datasets_list, "datasets you can read, filtered")
+    verbs = group(sub, "datasets", "list and show catalog datasets")
+    p = leaf(verbs, "list", _datasets_list, "datasets you can read, filtered")
     p.add_argument("--team", default=None)
     p.add_argument("--name", default=None)
     p.add_argument("--teacher", default=None, help="teacher model (substring)")
@@ -114,49 +130,49 @@ def _add_datasets(sub: Any) -> None:
         help="only datasets labelled with this (student) tokenizer's vocabulary (needs transformers)",
     )
     p.add_argument("--json", action="store_true", help="print the service's JSON")
-    p = _leaf(verbs, "show", _datasets_show, "a dataset's versions, aliases and shares, or one version")
+    p = leaf(verbs, "show", _datasets_show, "a dataset's versions, aliases and shares, or one version")
     p.add_argument("ref", metavar="team/name[@ref]", help="a dataset, or one version of it (@3, @stable)")
     p.add_argument("--json", action="store_true", help="print the service's JSON")
 
 
 def _add_token(sub: Any) -> None:
-    verbs = _group(sub, "token", "create, list and revoke access tokens")
-    p = _leaf(verbs, "create", _token_create, "a new token (printed once)")
+    verbs = group(sub, "token", "create, list and revoke access tokens")
+    p = leaf(verbs, "create", _token_create, "a new token (printed once)")
     p.add_argument("--name", default=None, help="what it is for (e.g. laptop, ci)")
     p.add_argument("--expires-days", type=int, default=None, help="days until it expires (default: never)")
     p.add_argument("--user", default=None, help="create it for this user (org admins)")
-    _leaf(verbs, "list", _token_list, "tokens you can see (no secrets)")
-    _leaf(
+    leaf(verbs, "list", _token_list, "tokens you can see (no secrets)")
+    leaf(
         verbs,
         "new",
         _token_new,
         "print a fresh random token and store nothing (for LABELGEN_BOOTSTRAP_TOKEN in a Secret)",
         service=False,
     )
-    p = _leaf(verbs, "revoke", _token_revoke, "revoke a token")
+    p = leaf(verbs, "revoke", _token_revoke, "revoke a token")
     p.add_argument("id", type=int, help="the token's id (`labelgen token list`)")
 
 
 def _add_teams(sub: Any) -> None:
-    verbs = _group(sub, "teams", "create teams and manage their members")
-    p = _leaf(verbs, "create", _teams_create, "create a team (org admins)")
+    verbs = group(sub, "teams", "create teams and manage their members")
+    p = leaf(verbs, "create", _teams_create, "create a team (org admins)")
     p.add_argument("name")
-    p = _leaf(verbs, "add-member", _teams_add, "give a user a role in a team (team admins; creates the user)")
+    p = leaf(verbs, "add-member", _teams_add, "give a user a role in a team (team admins; creates the user)")
     p.add_argument("team")
     p.add_argument("user")
     p.add_argument("--role", required=True, choices=("reader", "writer", "admin"))
-    p = _leaf(verbs, "remove-member", _teams_remove, "remove a user from a team")
+    p = leaf(verbs, "remove-member", _teams_remove, "remove a user from a team")
     p.add_argument("team")
     p.add_argument("user")
 
 
 def _add_alias(sub: Any) -> None:
-    verbs = _group(sub, "alias", "point aliases (stable, ...) at versions")
-    p = _leaf(verbs, "set", _alias_set, "point an alias at a version")
+    verbs = group(sub, "alias", "point aliases (stable, ...) at versions")
+    p = leaf(verbs, "set", _alias_set, "point an alias at a version")
     p.add_argument("dataset", metavar="team/name")
     p.add_argument("alias")
     p.add_argument("version", type=int)
-    p = _leaf(verbs, "delete", _alias_delete, "remove an alias")
+    p = leaf(verbs, "delete", _alias_delete, "remove an alias")
     p.add_argument("dataset", metavar="team/name")
     p.add_argument("alias")
 
@@ -166,13 +182,13 @@ def _add_share(sub: Any) -> None:
         ("share", _share, "let another team (or '*': everyone) read a dataset"),
         ("unshare", _unshare, "withdraw a share"),
     ):
-        p = _leaf(sub, verb, handler, text)
+        p = leaf(sub, verb, handler, text)
         p.add_argument("dataset", metavar="team/name")
         p.add_argument("grantee", metavar="GRANTEE", help="a team name, or '*' for the whole organisation")
 
 
 def _add_audit(sub: Any) -> None:
-    p = _leaf(sub, "audit", _audit, "the audit log (org admins: all; team admins: their teams)")
+    p = leaf(sub, "audit-log", _audit, "the audit log (org admins: all; team admins: their teams)")
     p.add_argument("--team", default=None)
     p.add_argument("--action", default=None, help="only this action (e.g. publish, alias.move)")
     p.add_argument("--limit", type=int, default=100)
@@ -180,27 +196,6 @@ def _add_audit(sub: Any) -> None:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def catalog_url(arg: str) -> str:
-    """``arg`` as a URL ``labelgen inspect`` can open: a URL or an existing path as is; a
-    catalog name (``team/name@N``, ``team/name@alias``) as ``labelgen://SERVICE/…`` on the
-    default service."""
-    if "://" in arg or os.path.exists(arg):
-        return arg
-    try:
-        ref = parse_ref(arg)
-    except InvalidName:
-        return arg  # not a name either: the dataset reader says what is missing
-    service = default_service()
-    if not service:
-        raise CatalogError(
-            None,
-            "no_service",
-            f"{arg!r} is not a path; as a catalog name it needs a service: set $LABELGEN_SERVICE, "
-            "run `labelgen login HOST:PORT`, or give labelgen://HOST:PORT/" + str(ref),
-        )
-    return f"labelgen://{parse_service(service).netloc}/{ref}"
 
 
 def _token_new(args: argparse.Namespace) -> int:
@@ -211,44 +206,6 @@ def _token_new(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the catalog verb ``args`` was parsed for; the exit status."""
     return int(args.catalog_handler(args))
-
-
-def _service(args: argparse.Namespace) -> str:
-    service = getattr(args, "service", None) or default_service()
-    if not service:
-        raise CatalogError(
-            None,
-            "no_service",
-            "no labelgen service given: pass --service HOST:PORT, set $LABELGEN_SERVICE, "
-            "or run `labelgen login HOST:PORT` once",
-        )
-    return service
-
-
-def _client(args: argparse.Namespace) -> CatalogClient:
-    return CatalogClient(_service(args))
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _size(n: Any) -> str:
-    if not isinstance(n, int):
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    lines = [[str(c) for c in header], *[["" if c is None else str(c) for c in row] for row in rows]]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 # --------------------------------------------------------------------------- login, publish
@@ -294,11 +251,11 @@ def _publish(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.monotonic()
-    version = _client(args).publish(dataset, url, aliases=args.alias, job_spec=job_spec)
+    version = client_of(args).publish(dataset, url, aliases=args.alias, job_spec=job_spec)
     aliases = ", ".join(version.get("aliases") or []) or "none besides latest"
     verb = "already published as" if version.get("existing") else "published"
     print(
-        f"{verb} {version.get('ref')}: {version.get('files')} files, {_size(version.get('bytes'))} "
+        f"{verb} {version.get('ref')}: {version.get('files')} files, {size(version.get('bytes'))} "
         f"(verified in {time.monotonic() - started:.1f}s)"
     )
     print(f"  aliases: {aliases}")
@@ -362,7 +319,7 @@ def _datasets_list(args: argparse.Namespace) -> int:
                 f"{fingerprint[:16]}...) disagree; pass one of them",
             )
         tokenizer = fingerprint
-    datasets = _client(args).list_datasets(
+    datasets = client_of(args).list_datasets(
         team=args.team,
         name=args.name,
         teacher=args.teacher,
@@ -375,7 +332,7 @@ def _datasets_list(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
     )
     if args.json:
-        _print_json(datasets)
+        print_json(datasets)
         return 0
     if not datasets:
         print("no datasets match (or none are shared with you)")
@@ -393,11 +350,12 @@ def _datasets_list(args: argparse.Namespace) -> int:
                 ",".join(sorted(name for name, value in (card.get("products") or {}).items() if value))
                 or "-",
                 card.get("tokens", ""),
-                _size(latest.get("bytes")) if latest else "",
+                size(latest.get("bytes")) if latest else "",
+                trust_label(item.get("trust") or latest.get("trust")),
                 ", ".join(f"{a}={v}" for a, v in sorted(aliases.items()) if a != "latest"),
             )
         )
-    _table(("REF", "TEACHER", "K", "PRODUCTS", "TOKENS", "SIZE", "ALIASES"), rows)
+    table(("REF", "TEACHER", "K", "PRODUCTS", "TOKENS", "SIZE", "TRUST", "ALIASES"), rows)
     return 0
 
 
@@ -428,17 +386,23 @@ def _fingerprint(directory: str) -> str:
 
 def _datasets_show(args: argparse.Namespace) -> int:
     ref = parse_ref(args.ref)
-    client = _client(args)
+    client = client_of(args)
     if "@" in args.ref:
         version = client.version(ref)
         if args.json:
-            _print_json(version)
+            print_json(version)
         else:
             _print_version(version)
+            try:
+                lines = catalog_trust_lines(client.trust(version.get("ref") or ref))
+            except CatalogError as exc:  # a service without the trust routes: the rest is shown
+                lines = [f"trust: unknown ({exc})"]
+            for line in lines:
+                print(f"  {line}")
         return 0
     dataset = client.dataset(ref)
     if args.json:
-        _print_json(dataset)
+        print_json(dataset)
         return 0
     aliases = dataset.get("aliases") or {}
     shares = ", ".join(dataset.get("shares") or []) or "none (its team only)"
@@ -455,21 +419,22 @@ def _datasets_show(args: argparse.Namespace) -> int:
     rows = [
         (
             v.get("version"),
-            _size(v.get("bytes")),
+            size(v.get("bytes")),
             v.get("files"),
             v.get("published_by"),
             v.get("created_at"),
+            trust_label(v.get("trust")),
             ", ".join(v.get("aliases") or []),
             v.get("url"),
         )
         for v in versions
     ]
-    _table(("VERSION", "SIZE", "FILES", "BY", "CREATED", "ALIASES", "URL"), rows)
+    table(("VERSION", "SIZE", "FILES", "BY", "CREATED", "TRUST", "ALIASES", "URL"), rows)
     return 0
 
 
 def _print_version(version: Mapping[str, Any]) -> None:
-    print(f"{version.get('ref')}: {version.get('files')} files, {_size(version.get('bytes'))}")
+    print(f"{version.get('ref')}: {version.get('files')} files, {size(version.get('bytes'))}")
     print(f"  url: {version.get('url')}")
     print(f"  manifest sha256: {version.get('manifest_sha256')}")
     print(f"  published by {version.get('published_by')} at {version.get('created_at')}")
@@ -487,7 +452,7 @@ def _print_version(version: Mapping[str, Any]) -> None:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    created = _client(args).create_token(name=args.name, expires_days=args.expires_days, user=args.user)
+    created = client_of(args).create_token(name=args.name, expires_days=args.expires_days, user=args.user)
     expires = created.get("expires_at") or "never"
     print(
         f"token {created.get('id')} for {created.get('user')} ({created.get('name') or 'unnamed'}), "
@@ -499,7 +464,7 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def _token_list(args: argparse.Namespace) -> int:
-    tokens = _client(args).list_tokens()
+    tokens = client_of(args).list_tokens()
     if not tokens:
         print("no tokens")
         return 0
@@ -515,18 +480,18 @@ def _token_list(args: argparse.Namespace) -> int:
         )
         for t in tokens
     ]
-    _table(("ID", "USER", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED"), rows)
+    table(("ID", "USER", "NAME", "PREFIX", "CREATED", "EXPIRES", "REVOKED"), rows)
     return 0
 
 
 def _token_revoke(args: argparse.Namespace) -> int:
-    _client(args).revoke_token(args.id)
+    client_of(args).revoke_token(args.id)
     print(f"token {args.id} revoked")
     return 0
 
 
 def _teams_create(args: argparse.Namespace) -> int:
-    _client(args).create_team(args.name)
+    client_of(args).create_team(args.name)
     print(
         f"team {args.name} created; add members with "
         f"`labelgen teams add-member {args.name} USER --role admin`"
@@ -535,13 +500,13 @@ def _teams_create(args: argparse.Namespace) -> int:
 
 
 def _teams_add(args: argparse.Namespace) -> int:
-    _client(args).set_member(args.team, args.user, args.role)
+    client_of(args).set_member(args.team, args.user, args.role)
     print(f"{args.user} is {args.role} of {args.team}")
     return 0
 
 
 def _teams_remove(args: argparse.Namespace) -> int:
-    _client(args).remove_member(args.team, args.user)
+    client_of(args).remove_member(args.team, args.user)
     print(f"{args.user} removed from {args.team}")
     return 0
 
@@ -552,21 +517,21 @@ def _teams_remove(args: argparse.Namespace) -> int:
 def _alias_set(args: argparse.Namespace) -> int:
     dataset = _dataset_only(args.dataset, "alias set")
     check_name("alias", args.alias)
-    _client(args).set_alias(dataset, args.alias, args.version)
+    client_of(args).set_alias(dataset, args.alias, args.version)
     print(f"{dataset}@{args.alias} -> version {args.version}")
     return 0
 
 
 def _alias_delete(args: argparse.Namespace) -> int:
     dataset = _dataset_only(args.dataset, "alias delete")
-    _client(args).delete_alias(dataset, args.alias)
+    client_of(args).delete_alias(dataset, args.alias)
     print(f"alias {args.alias} of {dataset} deleted")
     return 0
 
 
 def _share(args: argparse.Namespace) -> int:
     dataset = _dataset_only(args.dataset, "share")
-    _client(args).share(dataset, args.grantee)
+    client_of(args).share(dataset, args.grantee)
     who = "everyone in the organisation" if args.grantee == "*" else f"team {args.grantee}"
     print(f"{dataset} is readable by {who}")
     return 0
@@ -574,15 +539,15 @@ def _share(args: argparse.Namespace) -> int:
 
 def _unshare(args: argparse.Namespace) -> int:
     dataset = _dataset_only(args.dataset, "unshare")
-    _client(args).unshare(dataset, args.grantee)
+    client_of(args).unshare(dataset, args.grantee)
     print(f"{dataset} is no longer shared with {args.grantee}")
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    events = _client(args).audit(team=args.team, action=args.action, limit=args.limit)
+    events = client_of(args).audit(team=args.team, action=args.action, limit=args.limit)
     if args.json:
-        _print_json(events)
+        print_json(events)
         return 0
     if not events:
         print("no audit events")
@@ -602,5 +567,5 @@ def _audit(args: argparse.Namespace) -> int:
                 json.dumps(detail, sort_keys=True) if detail else "",
             )
         )
-    _table(("AT", "USER", "ACTION", "TEAM", "TARGET", "OUTCOME", "DETAIL"), rows)
+    table(("AT", "USER", "ACTION", "TEAM", "TARGET", "OUTCOME", "DETAIL"), rows)
     return 0

@@ -6,7 +6,8 @@
 - :mod:`~labelgen.contract.commits`: the commit log a job writes under ``_commits/``;
 - :mod:`~labelgen.contract.dataset`: opening a dataset (manifest, or log while written);
 - :mod:`~labelgen.contract.storage`: atomic writes, one-PUT publishing, retries;
-- :mod:`~labelgen.contract.configs`: typed YAML configs with every error reported at once.
+- :mod:`~labelgen.contract.configs`: typed YAML configs with every error reported at once;
+- :mod:`~labelgen.contract.signatures`: ed25519 manifest signatures and key files.
 
 The ``students`` package imports these and nothing else from ``labelgen``; they import
 only the standard library, numpy, pyarrow, fsspec and PyYAML.

@@ -7,6 +7,7 @@ A label dataset is a directory (local path or any fsspec URL) holding::
     shards/part-UUUUU-SSSSS.parquet    label shards (unit U, shard S), zero-padded
     hidden/part-UUUUU-SSSSS.parquet    hidden-state samples of the same rows (optional)
     _commits/                          the job's commit log (:mod:`labelgen.contract.commits`)
+    _signatures/KEYID.json             detached manifest signatures (:mod:`labelgen.contract.signatures`)
 
 One Parquet row holds one token sequence of length T. Every list column is flat and
 non-nullable (never a list of lists): per-position arrays of width k are flattened
