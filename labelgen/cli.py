@@ -6,8 +6,10 @@ labelgen run-ray SPEC [key=value ...]           the job's driver on a Ray cluste
 labelgen submit SPEC [key=value ...] --address  send the job to a Ray cluster (Jobs API); prints JOB
 labelgen status JOB | logs JOB [--follow] | stop JOB   follow or stop a submitted job
 labelgen inspect URL | team/name@N             summarise a label dataset (a URL or a catalog version)
+labelgen audit URL | team/name@N [--rows N]     re-score sampled rows with the teacher; check every file
 labelgen serve [--db URL] [--host H] [--port P]  the dataset service (catalog, access, reads)
-labelgen login | publish | datasets | token | teams | alias | share | unshare | audit
+labelgen login | publish | datasets | token | teams | alias | share | unshare | audit-log
+        | keys | sign | verify | jobs
                                                 the catalog's client verbs (`labelgen VERB --help`)
 
 Ray commands take ``--address http://HEAD:8265`` or the ``RAY_ADDRESS`` environment variable.
@@ -55,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.replicas=4")
     _address(p)
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    p.add_argument(
+        "--service",
+        default=None,
+        metavar="HOST:PORT",
+        help="submit through the dataset service instead (its cluster); needs --dataset",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        metavar="TEAM/NAME",
+        help="with --service: publish the output as this dataset",
+    )
+    p.add_argument(
+        "--alias", action="append", default=[], help="with --service: aliases the published version gets"
+    )
     verbs = (("status", "status and progress of a submitted job"), ("stop", "stop a submitted job"))
     for verb, text in verbs:
         p = sub.add_parser(verb, help=text)
@@ -67,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a label dataset")
     p.add_argument("url", help="dataset URL (local path, s3://, gs://, ...)")
     p.add_argument("--sample-rows", type=int, default=2048, help="rows sampled for teacher statistics")
+    from labelgen.audit.cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     p = sub.add_parser("serve", help="run the dataset service (catalog, access control, reads)")
     p.add_argument(
         "--db",
@@ -92,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--public-url", default=None, help="base URL readers reach the service at (default: as asked)"
     )
     p.add_argument("--workers", type=int, default=1, help="server processes (default 1; e.g. one per core)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="URL",
+        help="Ray cluster that jobs submitted through the service run on, e.g. http://HEAD:8265 "
+        "(default: $LABELGEN_RAY_ADDRESS; none: the service takes no jobs)",
+    )
+    p.add_argument(
+        "--job-poll",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between two looks at the running jobs (progress, end, publish; default 10)",
+    )
     from labelgen.catalog.commands import add_commands
 
     add_commands(sub)
@@ -230,6 +264,15 @@ def _run_ray(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if args.service is not None or args.dataset is not None:
+        from labelgen.catalog.job_commands import resolve_spec_text, submit_through_service
+        from labelgen.spec import load_spec
+
+        def checked(path: str, overrides: list[str]) -> str:
+            load_spec(path, overrides)  # `labelgen validate`'s checks, before anything is sent
+            return resolve_spec_text(path, overrides)
+
+        return submit_through_service(args, resolve=checked)
     from labelgen.cluster import submit_job
     from labelgen.spec import load_spec
 
@@ -266,6 +309,12 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from labelgen.audit.cli import main as audit_main
+
+    return audit_main(args)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from labelgen.catalog.commands import catalog_url
     from labelgen.summary import format_report, inspect_dataset
@@ -279,7 +328,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_env(
-            args.db, args.data_dir, tuple(args.fs_root), args.url_ttl, args.public_url, args.host
+            args.db,
+            args.data_dir,
+            tuple(args.fs_root),
+            args.url_ttl,
+            args.public_url,
+            args.host,
+            ray_address=args.ray_address,
+            job_poll_s=args.job_poll,
         )
         serve(settings, host=args.host, port=args.port, workers=args.workers)
     except ValueError as exc:
@@ -308,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "stop": _stop,
         "inspect": _inspect,
         "serve": _serve,
+        "audit": _audit,
     }.get(args.command)
     from labelgen.catalog import commands
 

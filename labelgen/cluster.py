@@ -17,7 +17,10 @@ killed driver is resumed by submitting the job again.
 (:class:`ray.job_submission.JobSubmissionClient`): ``submit`` validates the spec
 here, uploads the resolved spec as the job's working directory and runs
 ``labelgen run-ray job-spec.yaml`` on the cluster; ``status`` adds the driver's
-``<output>/_progress.json`` to Ray's job status.
+``<output>/_progress.json`` to Ray's job status. :class:`RayJobs` is the same Jobs API
+as the dataset service uses it (``labelgen serve --ray-address``): submit a spec under a
+chosen submission id, ask a job's state, telling an unknown job (:class:`UnknownJob`)
+from an unreachable cluster (:class:`ClusterUnreachable`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -52,6 +56,10 @@ __all__ = [
     "job_status",
     "job_logs",
     "stop_job",
+    "UnknownJob",
+    "ClusterUnreachable",
+    "RayJobState",
+    "RayJobs",
 ]
 
 
@@ -241,14 +249,23 @@ def _poll(ray: Any, pool: _Pool, running: dict[Any, tuple[int, int]], job: JobPr
 # -- Ray Jobs API ------------------------------------------------------------------------
 
 
+class UnknownJob(JobError):
+    """The cluster's job server does not know the job id (never submitted, or the cluster
+    was restarted since)."""
+
+
+class ClusterUnreachable(JobError):
+    """The cluster's job server did not answer (down, restarting, a wrong address)."""
+
+
 def _client(address: str | None) -> Any:
     import_ray()
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
-    except ConnectionError as exc:
-        raise JobError(
+    except OSError as exc:  # ConnectionError, requests' errors
+        raise ClusterUnreachable(
             f"cannot reach the Ray cluster's job server at {address or os.environ.get('RAY_ADDRESS')!r}: "
             f"{exc}; pass --address http://HEAD:8265 or set RAY_ADDRESS"
         ) from exc
@@ -259,14 +276,18 @@ def submit_job(
     address: str | None = None,
     submission_id: str | None = None,
     runtime_env: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
+    client: Any = None,
 ) -> str:
     """Submit ``spec`` to the cluster as a Ray job running ``labelgen run-ray``; returns the job id.
 
     The spec is resolved (overrides applied) and validated here; the cluster sees the
     resolved YAML as ``job-spec.yaml`` in the job's working directory. Paths in the spec
     are read on the cluster: use URLs (s3://, gs://) or paths that exist there.
+    ``metadata`` is added to the job's (the service records its job id there); ``client``
+    an already connected JobSubmissionClient (default: one for ``address``).
     """
-    client = _client(address)
+    client = client or _client(address)
     with tempfile.TemporaryDirectory(prefix="labelgen-submit-") as tmp:
         with open(os.path.join(tmp, SPEC_NAME), "w") as f:
             f.write(spec.to_yaml())
@@ -280,6 +301,7 @@ def submit_job(
                 "labelgen.output_url": spec.output.url,
                 "labelgen.spec_sha256": spec.content_hash(),
                 "labelgen.replicas": str(spec.cluster.replicas),
+                **(metadata or {}),
             },
         )
 
@@ -288,8 +310,12 @@ def _ask(job_id: str, call: Callable[[], Any]) -> Any:
     try:
         return call()
     except RuntimeError as exc:  # the Jobs API answers unknown ids with RuntimeError("... 404 ...")
-        raise JobError(
-            f"job {job_id!r}: {exc}; list the cluster's jobs with `ray job list --address ...`"
+        kind = UnknownJob if "status code 404" in str(exc) else JobError
+        fix = "list the cluster's jobs with `ray job list --address ...`"
+        raise kind(f"job {job_id!r}: {exc}; {fix}") from exc
+    except OSError as exc:  # ConnectionError, and requests' errors, are OSErrors
+        raise ClusterUnreachable(
+            f"job {job_id!r}: the cluster's job server did not answer ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -354,3 +380,64 @@ def stop_job(job_id: str, address: str | None = None) -> bool:
     """Ask Ray to stop a job (its driver gets SIGTERM; its replicas go with it)."""
     client = _client(address)
     return bool(_ask(job_id, lambda: client.stop_job(job_id)))
+
+
+@dataclass(frozen=True)
+class RayJobState:
+    """A Ray job's state as the Jobs API gives it."""
+
+    status: str
+    """PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    message: str
+    """Ray's words about it (for a failed job: the exit code and the driver's last log lines)."""
+
+
+class RayJobs:
+    """The Ray Jobs API of one cluster, as the dataset service uses it.
+
+    The client is made on first use and again after the cluster did not answer (making
+    one asks the job server for its version), so a service started before its cluster
+    still tracks jobs once the cluster is up. Safe to share between threads.
+    """
+
+    def __init__(self, address: str):
+        self.address = address
+        self._client: Any = None
+
+    def _connected(self) -> Any:
+        if self._client is None:
+            self._client = _client(self.address)
+        return self._client
+
+    def submit(self, spec: JobSpec, submission_id: str, metadata: dict[str, str] | None = None) -> str:
+        """Submit ``spec`` as a Ray job named ``submission_id`` (see :func:`submit_job`); its id."""
+        try:
+            return submit_job(spec, submission_id=submission_id, metadata=metadata, client=self._connected())
+        except OSError as exc:  # ConnectionError, requests' errors
+            self._client = None
+            raise ClusterUnreachable(
+                f"the Ray cluster at {self.address} did not take job {submission_id} "
+                f"({type(exc).__name__}: {exc}); check that it is up (`ray status`) and submit again"
+            ) from exc
+        except RuntimeError as exc:  # the job server refused it (e.g. the id is taken)
+            raise JobError(f"the Ray cluster at {self.address} refused job {submission_id}: {exc}") from exc
+
+    def state(self, job_id: str) -> RayJobState:
+        """Ray's state of job ``job_id``.
+
+        Raises:
+            UnknownJob: the cluster does not know the id.
+            ClusterUnreachable: the cluster did not answer (ask again later).
+        """
+        client = self._connected()
+        try:
+            info = _ask(job_id, lambda: client.get_job_info(job_id))
+        except ClusterUnreachable:
+            self._client = None
+            raise
+        return RayJobState(str(getattr(info.status, "value", info.status)), str(info.message or ""))
+
+    def stop(self, job_id: str) -> bool:
+        """Ask Ray to stop job ``job_id`` (see :func:`stop_job`)."""
+        client = self._connected()
+        return bool(_ask(job_id, lambda: client.stop_job(job_id)))

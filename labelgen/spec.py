@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 
 from labelgen.contract.codecs import CODEC_NAMES, DEFAULT_CODEC
-from labelgen.contract.configs import config_to_dict, load_config_file
+from labelgen.contract.config_input import MAX_CONFIG_BYTES, kind, read_yaml, show
+from labelgen.contract.configs import ConfigError, config_to_dict, load_config, load_config_file
 from labelgen.credentials import find_secrets, url_problem
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
@@ -44,6 +45,7 @@ __all__ = [
     "GenerateSpec",
     "JobSpec",
     "load_spec",
+    "load_spec_text",
 ]
 
 
@@ -596,3 +598,34 @@ _ADDED_FIELDS = (
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Load and validate a job spec file; raises ConfigError listing every problem."""
     return load_config_file(JobSpec, path, overrides)
+
+
+def load_spec_text(text: str, source: str = "job spec") -> JobSpec:
+    """Load and validate a job spec from YAML text (a spec sent to the dataset service, its
+    overrides already applied); raises ConfigError listing every problem, as :func:`load_spec`.
+
+    Args:
+        text: the YAML document.
+        source: what the messages call it (e.g. ``job spec of nlp/web``).
+    """
+    if not isinstance(text, str):
+        raise ConfigError([f"the spec must be YAML text, got {kind(text)} {show(text)}"], source)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"the spec is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit of a job spec"], source
+        )
+    data, problem = read_yaml(text)
+    if problem is not None:
+        raise ConfigError([f"{source} {problem}"], source)
+    if data is None:
+        data = {}  # only comments: every field takes its default (and the required ones are named)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [
+                "the top level must be a mapping of section names to values (`teacher:` on its own "
+                f"line, ...), got {kind(data)} {show(data)}"
+            ],
+            source,
+        )
+    return load_config(JobSpec, data, source=source)

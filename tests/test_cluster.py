@@ -328,3 +328,61 @@ def test_two_replicas_run_a_generation_job_like_the_local_runner(
     assert dataset_rows(str(tmp_path / "ray")) == dataset_rows(str(tmp_path / "local"))
     assert manifest.generation["stats"] == local.generation["stats"]
     assert 0 < manifest.generation["stats"]["kept"] < 120  # the format check rejects some
+
+
+def test_a_job_submitted_through_the_service_ends_as_a_published_verified_version(
+    ray_cluster, teacher_dir, texts, tmp_path
+):
+    """``POST /v1/jobs`` on a service whose cluster is this one (tracker polling every
+    second): the job runs ``labelgen run-ray`` with real vLLM on Ray, and its output is
+    published for its submitter once the manifest lands, verified file by file."""
+    pytest.importorskip("fastapi", reason="needs `pip install 'labelgen[service]'`")
+    import yaml
+
+    from labelgen.catalog.client import CatalogClient
+    from labelgen.service.server import ServiceThread
+    from labelgen.service.settings import ServiceSettings
+    from labelgen.service.verify import verify_dataset
+    from labelgen.testing import write_jsonl_corpus
+
+    corpus = tmp_path / "corpus"
+    write_jsonl_corpus(corpus / "a.jsonl", texts[:16], chat_every=5)
+    out = tmp_path / "labels"
+    spec = yaml.safe_dump(spec_dict(teacher_dir, f"{corpus}/*.jsonl", str(out), replicas=1), sort_keys=False)
+    admin_token = "lgt_" + "r" * 43
+    settings = ServiceSettings(
+        db_url=f"sqlite:///{tmp_path / 'catalog.sqlite'}",
+        signing_key="k",
+        bootstrap_token=admin_token,
+        ray_address=ray_cluster,
+        job_poll_s=1.0,
+    )
+    started = time.monotonic()
+    with ServiceThread(settings) as svc:
+        admin = CatalogClient(svc.address, token=admin_token)
+        admin.create_team("nlp")
+        admin.set_member("nlp", "alice", "writer")
+        alice = CatalogClient(svc.address, token=admin.create_token("t", user="alice")["token"])
+        job = alice.submit_job("nlp/web", spec, aliases=["stable"])
+        assert job["state"] == "running" and job["ray_job_id"].startswith(f"labelgen-job-{job['id']}-"), job
+
+        def ended() -> dict | None:
+            view = alice.job(job["id"])
+            return view if view["state"] not in ("submitting", "running", "publishing") else None
+
+        view = _wait_for(ended, 600, "the job to end", poll=1.0)
+        elapsed = time.monotonic() - started
+        assert view["state"] == "published", view
+        assert view["version"] == "nlp/web@1" and view["error"] == "" and view["progress"]["state"] == "done"
+        version = alice.version("nlp/web@stable")
+        assert version["version"] == 1 and version["url"] == str(out) and version["published_by"] == "alice"
+        assert version["job_spec"] == spec
+        listed = {f["path"]: (f["size"], f["sha256"]) for f in alice.files("nlp/web@1")["files"]}
+        again = verify_dataset(str(out))  # the files, checked again now, are those published
+        assert again.manifest_sha256 == version["manifest_sha256"]
+        assert listed == {f.path: (f.size, f.sha256) for f in again.files}
+        assert any(path.startswith("shards/") for path in listed)
+        jobs = alice.list_jobs("nlp")
+        assert [(j["id"], j["state"], j["version"]) for j in jobs] == [(job["id"], "published", "nlp/web@1")]
+    svc.app.state.sessions.kw["bind"].dispose()
+    print(f"\njob through the service: submitted → published in {elapsed:.1f} s")

@@ -4,7 +4,9 @@ With no flags the catalog is a SQLite file under ``~/.local/share/labelgen`` and
 service listens on 127.0.0.1:8000. On an empty catalog an organisation admin is created
 (``LABELGEN_BOOTSTRAP_ADMIN``, default ``admin``) with ``LABELGEN_BOOTSTRAP_TOKEN``, or a
 new token printed once. :class:`ServiceThread` runs the same server inside a process
-(tests, the demo).
+(tests, the demo). With ``ray_address`` set the service takes jobs
+(``POST /v1/jobs``) and runs the job tracker (:mod:`labelgen.service.tracker`), started
+and stopped with the server.
 """
 
 from __future__ import annotations
@@ -72,11 +74,21 @@ def settings_from_env(
     url_ttl_s: int = 900,
     public_url: str | None = None,
     host: str = "127.0.0.1",
+    ray_address: str | None = None,
+    job_poll_s: float = 10.0,
 ) -> ServiceSettings:
     """Settings from flags, falling back on LABELGEN_DB, LABELGEN_SIGNING_KEY,
-    LABELGEN_BOOTSTRAP_ADMIN and LABELGEN_BOOTSTRAP_TOKEN."""
+    LABELGEN_BOOTSTRAP_ADMIN, LABELGEN_BOOTSTRAP_TOKEN and LABELGEN_RAY_ADDRESS."""
     if url_ttl_s < 10:
         raise ValueError(f"--url-ttl must be at least 10 seconds, got {url_ttl_s}")
+    if not 0.1 <= job_poll_s <= 3600:
+        raise ValueError(f"--job-poll must be between 0.1 and 3600 seconds, got {job_poll_s}")
+    ray_address = ray_address or os.environ.get("LABELGEN_RAY_ADDRESS") or None
+    if ray_address is not None and not ray_address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"--ray-address {ray_address!r} must be the URL of the Ray cluster's job server, "
+            "e.g. http://HEAD:8265 (the dashboard port)"
+        )
     return ServiceSettings(
         db_url=db or os.environ.get("LABELGEN_DB") or default_db_url(data_dir),
         fs_roots=tuple(os.path.abspath(r) for r in fs_roots),
@@ -87,12 +99,20 @@ def settings_from_env(
         public_url=public_url,
         # Beyond loopback, local paths are published only from under --fs-root.
         local_paths=bool(fs_roots) or host in ("127.0.0.1", "localhost", "::1"),
+        ray_address=ray_address,
+        job_poll_s=job_poll_s,
     )
 
 
 def _announce(app: Any, settings: ServiceSettings, host: str, port: int) -> None:
     where = describe_db(settings.db_url)
     print(f"labelgen serve: catalog {where}; API on http://{host}:{port} (OpenAPI at /docs)", file=sys.stderr)
+    if settings.ray_address:
+        print(
+            f"labelgen serve: jobs run on the Ray cluster at {settings.ray_address} "
+            f"(tracked every {settings.job_poll_s:g} s)",
+            file=sys.stderr,
+        )
     token = app.state.bootstrap_token
     if token:
         print(
@@ -153,6 +173,9 @@ class ServiceThread:
 
     def __enter__(self) -> ServiceThread:
         self.thread.start()
+        tracker = getattr(self.app.state, "job_tracker", None)
+        if tracker is not None:  # lifespan is off here: the app's startup handlers do not run
+            tracker.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
@@ -163,5 +186,8 @@ class ServiceThread:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        tracker = getattr(self.app.state, "job_tracker", None)
+        if tracker is not None:
+            tracker.stop()
         self.server.should_exit = True
         self.thread.join(timeout=10)
