@@ -1,8 +1,10 @@
 """What a label dataset holds, with teacher statistics: the report ``labelgen inspect URL`` prints.
 
 Reads the manifest (or, for a dataset still being written, the commit records) and
-a sample of rows to report mean teacher entropy and top-1 mass. Entropy counts the
-mass outside the top-k as one bucket, so it is a lower bound on the full entropy.
+a sample of rows to report mean teacher entropy and top-1 mass, and their histograms
+over label positions (the dataset card keeps them; the web catalog plots them).
+Entropy counts the mass outside the top-k as one bucket, so it is a lower bound on the
+full entropy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,31 @@ from labelgen.contract.dataset import read_manifest_if_complete
 from labelgen.contract.format import MANIFEST_NAME, FormatError, Manifest, dataset_file
 from labelgen.contract.storage import MIB
 
-__all__ = ["inspect_dataset", "sample_statistics", "format_report", "topk_statistics"]
+__all__ = [
+    "inspect_dataset",
+    "sample_statistics",
+    "format_report",
+    "topk_statistics",
+    "topk_histograms",
+    "HISTOGRAM_BINS",
+]
+
+HISTOGRAM_BINS = 20
+"""Bins of the card's per-position histograms (entropy, top-1 mass)."""
+
+
+def _per_position(topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(entropy, top-1 mass, tail mass) of each position, each (N,) float64.
+
+    Args:
+        topk_logprobs: (N, k) raw teacher log-probs.
+    """
+    lps = topk_logprobs.astype(np.float64)
+    p = np.exp(lps)
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(p * lps).sum(axis=1) - np.where(tail > 0, tail * np.log(tail), 0.0)
+    return ent, p[:, 0], tail
 
 
 def topk_statistics(topk_logprobs: np.ndarray) -> dict[str, float]:
@@ -29,15 +55,34 @@ def topk_statistics(topk_logprobs: np.ndarray) -> dict[str, float]:
     Args:
         topk_logprobs: (N, k) raw teacher log-probs.
     """
-    p = np.exp(topk_logprobs.astype(np.float64))
-    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -(p * topk_logprobs).sum(axis=1) - np.where(tail > 0, tail * np.log(tail), 0.0)
+    ent, top1, tail = _per_position(topk_logprobs)
     return {
         "entropy_nats": float(ent.mean()),
-        "top1_mass": float(p[:, 0].mean()),
+        "top1_mass": float(top1.mean()),
         "tail_mass": float(tail.mean()),
     }
+
+
+def topk_histograms(topk_logprobs: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, dict[str, list]]:
+    """Histograms over positions of the entropy (top-k + tail bucket, nats) and the top-1
+    mass: ``{"entropy_nats": {"edges", "counts"}, "top1_mass": {...}}``, ``bins`` counts and
+    ``bins + 1`` edges each. The ranges are fixed so that two datasets' histograms of the
+    same k compare bin by bin: entropy over [0, ln(k + 1)] (its largest value with k + 1
+    buckets), top-1 mass over [0, 1].
+
+    Args:
+        topk_logprobs: (N, k) raw teacher log-probs.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    ent, top1, _ = _per_position(topk_logprobs)
+    k = topk_logprobs.shape[1]
+    out = {}
+    for name, values, high in (("entropy_nats", ent, float(np.log(k + 1))), ("top1_mass", top1, 1.0)):
+        finite = np.clip(values[np.isfinite(values)], 0.0, high)
+        counts, edges = np.histogram(finite, bins=bins, range=(0.0, high))
+        out[name] = {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+    return out
 
 
 def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
@@ -68,9 +113,10 @@ def inspect_dataset(url: str, sample_rows: int = 2048) -> dict[str, Any]:
 
 
 def sample_statistics(fs: Any, root: str, manifest: Manifest, sample_rows: int, where: str) -> dict[str, Any]:
-    """Teacher statistics (:func:`topk_statistics`) over row group 0 of the manifest's shards,
-    in manifest order, until at least ``sample_rows`` sequences are read: ``sample_rows``
-    (the count read) plus the statistics (absent when no row was read).
+    """Teacher statistics (:func:`topk_statistics`, and :func:`topk_histograms` under
+    ``"histograms"``) over row group 0 of the manifest's shards, in manifest order, until at
+    least ``sample_rows`` sequences are read: ``sample_rows`` (the count read) plus the
+    statistics (absent when no row was read).
 
     Args:
         fs: an fsspec filesystem; root: the dataset root on it; where: the dataset, for errors.
@@ -95,8 +141,10 @@ def sample_statistics(fs: Any, root: str, manifest: Manifest, sample_rows: int, 
         except FormatError as exc:
             raise FormatError(f"row group 0 of {path}: {exc}") from exc
         rows_seen += table.num_rows
-    stats = topk_statistics(np.concatenate(chunks)) if chunks else {}
-    return {"sample_rows": rows_seen, **stats}
+    if not chunks:
+        return {"sample_rows": rows_seen}
+    lps = np.concatenate(chunks)
+    return {"sample_rows": rows_seen, **topk_statistics(lps), "histograms": topk_histograms(lps)}
 
 
 def format_report(info: dict[str, Any]) -> str:
