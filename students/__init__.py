@@ -12,7 +12,8 @@ Modules: ``config`` (the training config), ``stream`` (row-group streaming, foll
 mode), ``loader`` (DataLoader workers), ``mixture`` / ``ensemble`` (several datasets),
 ``shards`` (verified reads), ``hidden`` (hidden-state joins), ``interop`` (datasets /
 pyarrow views), ``losses`` / ``chunked_loss`` / ``hidden_losses`` (the loss library),
-``trainer`` (the training loop).
+``lineage`` (the dataset service: data.require, runs and metrics), ``trainer`` (the
+training loop).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _EXPORTS = {
     "shard_files": "students.interop",
     "to_hf_iterable": "students.interop",
     "Trainer": "students.trainer",
+    "Lineage": "students.lineage",
+    "DataTrustError": "students.lineage",
 }
 
 __all__ = sorted(_EXPORTS)

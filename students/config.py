@@ -18,7 +18,11 @@ from typing import Any, Literal
 from labelgen.contract.configs import load_config_file
 from students.loss_kinds import LOSS_KINDS, LossKind
 
+TRUST_NEEDS = ("signed", "audited")
+"""What ``data.require`` may ask of a served dataset (see :class:`DataConfig`)."""
+
 __all__ = [
+    "TRUST_NEEDS",
     "ModelConfig",
     "SourceConfig",
     "DataConfig",
@@ -103,6 +107,14 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per rank reading and decoding row groups (0: a
     background thread in the training process)."""
+    require: list[Any] | str = field(default_factory=list)
+    """What must vouch for every dataset this run reads before training starts: 'signed'
+    (a valid signature by a key of the dataset's team on its manifest) and/or 'audited' (a
+    passing ``labelgen audit`` the service trusts). Checked with the dataset service for
+    every URL the run reads (url, mixture, teachers, stages, eval_url), which therefore
+    must all be ``labelgen://`` URLs: a plain path or bucket URL has no signatures or
+    audits and is refused. A missing one stops the run, naming it. Empty: no check;
+    ``require: signed`` is short for ``[signed]``."""
 
     def check(self):
         if (self.url is None) == (not self.mixture):
@@ -130,6 +142,20 @@ class DataConfig:
             yield "poll_seconds", f"must be > 0, got {self.poll_seconds}"
         if self.follow and self.eval_url is None and self.holdout_row_groups:
             yield "eval_url", "is required with data.follow (the held-out rows must exist before training)"
+        single = isinstance(self.require, str)
+        for i, need in enumerate([self.require] if single else self.require):
+            if need not in TRUST_NEEDS:
+                yield (
+                    "require" if single else f"require[{i}]",
+                    f"must be one of {', '.join(TRUST_NEEDS)}, got {need!r} "
+                    "(e.g. data.require=[signed, audited])",
+                )
+
+    @property
+    def trust_needs(self) -> tuple[str, ...]:
+        """``require`` as a tuple, each need once, in the order given (a string is one need)."""
+        given = [self.require] if isinstance(self.require, str) else list(self.require)
+        return tuple(dict.fromkeys(given))
 
     @property
     def sources(self) -> list[SourceConfig]:

@@ -23,6 +23,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device: torch.device | None = None  # set by init()
 
     @property
     def main(self) -> bool:
@@ -33,6 +34,9 @@ class Dist:
         """Join the process group (nccl on CUDA, gloo on CPU) when there is more than one rank."""
         import torch.distributed as dist
 
+        self.device = device
+        if device.type == "cuda":  # object collectives (gather, broadcast) use the current device
+            torch.cuda.set_device(device)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -48,11 +52,24 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun): the other ranks'
+        argument is ignored, so only rank 0 needs to compute it."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        device = self.device  # nccl sends the pickled bytes from this rank's GPU
+        torch.distributed.broadcast_object_list(
+            box, src=0, device=device if device and device.type == "cuda" else None
+        )
+        return box[0]
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over ranks (float64)."""
         if self.world == 1:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        device = self.device if self.device is not None and self.device.type == "cuda" else None
+        t = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces CUDA tensors only
         torch.distributed.all_reduce(t)
         return t.tolist()
 

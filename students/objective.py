@@ -16,7 +16,10 @@ Per label position::
 - the optional :class:`HiddenStateTerm` (a stage's ``HiddenStateDistiller``).
 
 Calling the objective on ``(model, lm_head, batch, temperature)`` returns
-``{"loss", "kd", "ce"}`` scalars, plus ``"hidden"`` (detached) with a hidden-state term.
+``{"loss", "kd", "ce"}`` scalars, plus ``"hidden"`` (detached) with a hidden-state term,
+plus, with ``watch=True``, ``"kl"`` and ``"top1"`` (detached, :func:`teacher_match`: how
+close the student is to the teacher at T=1 on this batch; the trainer asks on the steps
+it logs).
 
 Batch tensors (``students.stream.collate``; N = B · (T-1) label positions):
 ``input_ids`` (B, T); ``next_ids``, ``label_mask`` (B, T-1); ``topk_ids``,
@@ -27,7 +30,7 @@ Batch tensors (``students.stream.collate``; N = B · (T-1) label positions):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,7 +42,7 @@ from students.chunked_loss import chunked_kd_loss
 from students.compatibility import teacher_hidden_dims
 from students.config import LossConfig, StageConfig
 from students.hidden_losses import HiddenStateDistiller
-from students.losses import kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
+from students.losses import bucket_kl, kd_loss, masked_cross_entropy, multi_teacher_kd, sampled_kd
 
 __all__ = [
     "EnsembleKD",
@@ -51,6 +54,7 @@ __all__ = [
     "SampledKD",
     "TopKDivergence",
     "build_hidden_heads",
+    "teacher_match",
 ]
 
 Batch = Mapping[str, torch.Tensor]
@@ -60,6 +64,46 @@ Parts = dict[str, torch.Tensor]
 def _flat(values: torch.Tensor) -> torch.Tensor:
     """(B, T-1, W) → (N, W)."""
     return values.reshape(-1, values.shape[-1])
+
+
+WATCH_ROWS = 1024
+"""Positions per chunk in :func:`teacher_match` (bounds its extra memory to WATCH_ROWS × V)."""
+
+
+@torch.no_grad()
+def teacher_match(
+    logits_of: Callable[[slice], torch.Tensor],
+    batch: Batch,
+    mask: torch.Tensor,
+    rows: int = WATCH_ROWS,
+) -> Parts:
+    """How close the student is to the (first) teacher on a batch, at T=1, no gradient.
+
+    Args:
+        logits_of: the student's logits (n, V) of the positions in a slice of the N label
+            positions (a view of the full logits, or the output projection of a chunk).
+        batch: with ``topk_ids``, ``topk_logprobs`` (B, T-1, K).
+        mask: (N,) 1 for the positions that count.
+        rows: positions per chunk.
+
+    Returns:
+        ``{"kl": mean bucket KL(teacher || student) over the top-k + tail (as evaluate()),
+        "top1": share of positions where the student's argmax is the teacher's top-1}``,
+        scalars over the masked positions (0 when none are).
+    """
+    ids, lps = _flat(batch["topk_ids"]), _flat(batch["topk_logprobs"])  # (N, K) each
+    keep = mask.bool()
+    kl = torch.zeros((), dtype=torch.float64, device=mask.device)
+    agree = torch.zeros((), dtype=torch.float64, device=mask.device)
+    for start in range(0, ids.shape[0], rows):
+        part = slice(start, start + rows)
+        logits = logits_of(part).float()  # (n, V)
+        here = keep[part]
+        # where, not a product: a masked position's padding labels may give a non-finite KL.
+        kl += torch.where(here, bucket_kl(logits, ids[part], lps[part]), 0.0).sum()
+        agree += (here & (logits.argmax(-1) == ids[part, 0])).sum()
+    count = keep.sum().clamp_min(1)
+    return {"kl": (kl / count).float(), "top1": (agree / count).float()}
 
 
 class KDTerm(Protocol):
@@ -140,9 +184,16 @@ class OnLogits:
     alpha: float
 
     def __call__(
-        self, model: nn.Module, lm_head: nn.Module, batch: Batch, temperature: float, hidden_states: bool
+        self,
+        model: nn.Module,
+        lm_head: nn.Module,
+        batch: Batch,
+        temperature: float,
+        hidden_states: bool,
+        watch: bool = False,
     ) -> tuple[Parts, Sequence[torch.Tensor] | None]:
-        """(``{"loss", "kd", "ce"}``, the model's hidden states when ``hidden_states``)."""
+        """(``{"loss", "kd", "ce"}`` (+ ``"kl"``, ``"top1"`` when ``watch``), the model's
+        hidden states when ``hidden_states``)."""
         out = model(input_ids=batch["input_ids"], output_hidden_states=hidden_states)
         logits = out.logits[:, :-1]  # (B, T-1, V)
         flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
@@ -153,6 +204,8 @@ class OnLogits:
         else:
             kd = torch.zeros((), dtype=ce.dtype, device=ce.device)
         parts = {"loss": self.alpha * kd + (1 - self.alpha) * ce, "kd": kd, "ce": ce}
+        if watch:
+            parts.update(teacher_match(lambda rows: flat[rows].detach(), batch, mask))
         return parts, out.hidden_states
 
 
@@ -167,9 +220,16 @@ class FusedChunks:
     chunk_tokens: int
 
     def __call__(
-        self, model: nn.Module, lm_head: nn.Module, batch: Batch, temperature: float, hidden_states: bool
+        self,
+        model: nn.Module,
+        lm_head: nn.Module,
+        batch: Batch,
+        temperature: float,
+        hidden_states: bool,
+        watch: bool = False,
     ) -> tuple[Parts, Sequence[torch.Tensor]]:
-        """(``{"loss", "kd", "ce"}``, the model's hidden states); ``kd`` and ``ce`` detached."""
+        """(``{"loss", "kd", "ce"}`` (+ ``"kl"``, ``"top1"`` when ``watch``), the model's
+        hidden states); ``kd`` and ``ce`` detached."""
         # Final hidden states (after the final norm) instead of logits; logits_to_keep=1 keeps the
         # head inside the (DDP) forward for one position only.
         out = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
@@ -189,6 +249,15 @@ class FusedChunks:
             lm_head_bias=getattr(lm_head, "bias", None),
             **labels,
         )
+        if watch:  # the projection again, chunk by chunk: the full logits still never exist
+            states, bias = last.reshape(-1, last.shape[-1]).detach(), getattr(lm_head, "bias", None)
+
+            def logits_of(rows: slice) -> torch.Tensor:
+                logits = states[rows] @ weight.detach().T  # (n, V)
+                return logits if bias is None else logits + bias.detach()
+
+            mask = batch["label_mask"].reshape(-1)
+            parts.update(teacher_match(logits_of, batch, mask, rows=self.chunk_tokens))
         return parts, out.hidden_states
 
 
@@ -246,8 +315,11 @@ class Objective:
         hidden = HiddenStateTerm(distiller, loss.hidden.weight) if loss.hidden and distiller else None
         return cls(path, hidden)
 
-    def __call__(self, model: nn.Module, lm_head: nn.Module, batch: Batch, temperature: float) -> Parts:
-        """``{"loss", "kd", "ce"}`` (+ ``"hidden"``) scalars for one batch.
+    def __call__(
+        self, model: nn.Module, lm_head: nn.Module, batch: Batch, temperature: float, watch: bool = False
+    ) -> Parts:
+        """``{"loss", "kd", "ce"}`` (+ ``"hidden"``; + ``"kl"``, ``"top1"`` with ``watch``)
+        scalars for one batch.
 
         Args:
             model: the student, or its DistributedDataParallel wrapper (called, not unwrapped).
@@ -255,8 +327,11 @@ class Objective:
                 the fused chunked path: weight (V, D), optional bias (V,).
             batch: tensors as in the module docstring.
             temperature: the KD temperature at this step.
+            watch: also measure the student against the teacher (:func:`teacher_match`).
         """
-        parts, states = self.logits(model, lm_head, batch, temperature, hidden_states=self.hidden is not None)
+        parts, states = self.logits(
+            model, lm_head, batch, temperature, hidden_states=self.hidden is not None, watch=watch
+        )
         if self.hidden is not None:
             assert states is not None  # requested above
             feature = self.hidden(states, batch)

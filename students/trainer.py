@@ -8,15 +8,18 @@
 
 The pieces live next door: the student (students.student_model), the torchrun bookkeeping
 (students.distributed), the dataset-vs-model-vs-loss rules (students.compatibility),
-each stage's data (students.stage_data) and its loss (students.objective).
+each stage's data (students.stage_data), its loss (students.objective), and the dataset
+service (students.lineage: the trust ``data.require`` asks for, checked before anything
+is read; the runs and metrics reported to each served version).
 
 Loss per position: ``alpha * D_T(teacher, student) * T² + (1 - alpha) * CE`` where D is
 the stage's divergence (students.losses) and T its temperature at this step.
 Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel
 (gloo on CPU, nccl on CUDA) and each rank streams its own share of the row groups.
-One log line per logged step::
+One log line per logged step (``kl`` and ``top1``: the student against the teacher on
+that step's batches at T=1, as evaluate() measures them on held-out rows)::
 
-    step 40/200 [kd] | loss 2.9 | kd 1.2 | ce 4.6 | T 1.50 | lr 9.5e-04 | tok/s 5,300
+    step 40/200 [kd] | loss 2.9 | kd 1.2 | ce 4.6 | kl 0.41 | top1 0.52 | T 1.50 | lr 9.5e-04 | tok/s 5,300
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from students.compatibility import check_compatibility
 from students.config import StageConfig, TrainConfig
 from students.distributed import Dist, pick_device
 from students.ensemble import EnsembleStream
+from students.lineage import Lineage, check_trust
 from students.loader import make_loader
 from students.losses import bucket_kl
 from students.mixture import MixtureStream
@@ -86,6 +90,7 @@ class Trainer:
         self._stream: LabelStream | MixtureStream | EnsembleStream | None = None
         self._stream_stage = -1
         self._data_states: dict[int, Any] = {}
+        self.lineage: Lineage | None = None  # rank 0, once setup() reported the run
 
     # ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -96,6 +101,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device, self.dist)
         self.dist.init(self.device)
+        check_trust(self._urls, cfg.data.trust_needs, self.dist, self.log)  # before reading anything
         self.model, self.tokenizer, self.tok_path = load_student(cfg, cfg.train.seed)
         self._setup_data()
         distillers = build_hidden_heads(self.stages, self.manifests, self.model.config)
@@ -118,7 +124,8 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-            self._report_lineage()
+            self.lineage = Lineage(self._urls, str(self.out.resolve()), config_to_dict(cfg), self.log)
+            self.lineage.report()
         self.dist.barrier()
         ckpt = self.out / "checkpoint" / "state.pt"
         if cfg.train.resume and ckpt.is_file():
@@ -138,27 +145,11 @@ class Trainer:
         self.manifests: dict[str, Manifest] = {url: m for url, m in found.items() if m is not None}
         self.eval_args, self.holdout = held_out_split(data, self._first_url, found, eval_manifest)
 
-    def _report_lineage(self) -> None:
-        """Tell the dataset service which versions this run trains from (``labelgen://`` URLs
-        only): the version's page lists the run. A failed report is logged, never fatal."""
-        urls = [
-            *label_urls(self.stages, self.cfg.data),
-            *([self.cfg.data.eval_url] if self.cfg.data.eval_url else []),
-        ]
-        served = sorted({u for u in urls if u.startswith("labelgen://")})
-        if not served:
-            return
-        from labelgen.catalog.fs import report_run
-
-        config = config_to_dict(self.cfg)
-        for url in served:
-            try:
-                run = report_run(url, name=str(self.out.resolve()), config=config)
-            except Exception as exc:  # lineage is a record, not a reason to stop training
-                self.log(f"could not report this run to the dataset service for {url}: {exc}")
-            else:
-                if run is not None:  # None: the service refused it (report_run logged why)
-                    self.log(f"reported run {run} to the dataset service as a student of {url}")
+    @property
+    def _urls(self) -> list[str]:
+        """Every dataset this run reads: each stage's, data.teachers', data.eval_url."""
+        data = self.cfg.data
+        return [*label_urls(self.stages, data), *([data.eval_url] if data.eval_url else [])]
 
     def _setup_optimizer(self) -> None:
         """AdamW over the student and the hidden-state projections (no decay on biases and
@@ -250,14 +241,19 @@ class Trainer:
         return _to_device(next(self._batches), self.device)
 
     def losses(
-        self, batch: dict[str, torch.Tensor], stage: int = 0, temperature: float | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        stage: int = 0,
+        temperature: float | None = None,
+        watch: bool = False,
     ) -> dict[str, torch.Tensor]:
         """KD, CE (and hidden-state) terms and the mixed loss for one batch of stage ``stage``
-        at ``temperature`` (default: the stage's first step's); see students.objective."""
+        at ``temperature`` (default: the stage's first step's), with ``watch`` also ``kl``
+        and ``top1`` to the teacher; see students.objective."""
         if temperature is None:
             temperature = self.temperature(self.stages[stage], 0)
         head = self.model.get_output_embeddings()
-        return self.objectives[stage](self.ddp, head, batch, temperature)
+        return self.objectives[stage](self.ddp, head, batch, temperature, watch=watch)
 
     # ---------------------------------------------------------------------------------
     @staticmethod
@@ -267,6 +263,8 @@ class Trainer:
             "kd": 0.0,
             "ce": 0.0,
             "hidden": 0.0,
+            "kl": 0.0,
+            "top1": 0.0,
             "tokens": 0.0,
             "time": time.monotonic(),
             "n": 0,
@@ -283,12 +281,13 @@ class Trainer:
             index, stage, in_stage = self.stage_at(self.step)
             assert stage.loss is not None
             temperature = self.temperature(stage, in_stage)
+            logged = (self.step + 1) % cfg.train.log_every == 0 or self.step + 1 == total
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(o.grad_accum):
                 batch = self.next_batch(index)
-                parts = self.losses(batch, index, temperature)
+                parts = self.losses(batch, index, temperature, watch=logged)
                 (parts["loss"] / o.grad_accum).backward()
-                for key in ("loss", "kd", "ce", "hidden"):
+                for key in ("loss", "kd", "ce", "hidden", "kl", "top1"):
                     if key in parts:
                         window[key] += parts[key].item() / o.grad_accum
                 window["tokens"] += float(batch["label_mask"].sum().item())
@@ -303,8 +302,9 @@ class Trainer:
             window["n"] += 1
             if self.step % cfg.train.log_every == 0 or self.step == total:
                 n = window["n"]
-                loss_sum, kd_sum, ce_sum, hidden_sum, tokens = self.dist.sum(
-                    [window["loss"], window["kd"], window["ce"], window["hidden"], window["tokens"]]
+                keys = ("loss", "kd", "ce", "hidden", "kl", "top1", "tokens")
+                loss_sum, kd_sum, ce_sum, hidden_sum, kl_sum, top1_sum, tokens = self.dist.sum(
+                    [window[key] for key in keys]
                 )
                 w = self.dist.world
                 record = {
@@ -314,18 +314,23 @@ class Trainer:
                     "kd": kd_sum / n / w,
                     "ce": ce_sum / n / w,
                     **({"hidden": hidden_sum / n / w} if stage.loss.hidden is not None else {}),
+                    "kl": kl_sum / w,  # measured on this step's micro-batches only
+                    "top1": top1_sum / w,
                     "temperature": temperature,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tok_per_s": tokens / max(time.monotonic() - window["time"], 1e-9),
                 }
                 self.log(
                     f"step {self.step}/{total} [{stage.name}] | loss {record['loss']:.4f} "
-                    f"| kd {record['kd']:.4f} | ce {record['ce']:.4f} | T {temperature:.2f} "
+                    f"| kd {record['kd']:.4f} | ce {record['ce']:.4f} | kl {record['kl']:.4f} "
+                    f"| top1 {record['top1']:.3f} | T {temperature:.2f} "
                     f"| lr {record['lr']:.2e} | tok/s {record['tok_per_s']:,.0f}"
                 )
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                if self.lineage:
+                    self.lineage.add(record)
                 window = self._new_window()
             every = cfg.train.eval_every
             if (every and self.step % every == 0) or self.step == total:
@@ -334,11 +339,17 @@ class Trainer:
                     record = {"step": self.step, **{f"eval_{k}": v for k, v in last_eval.items()}}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                    if self.lineage:
+                        self.lineage.add(record)
             ck = cfg.train.checkpoint_every
             if (ck and self.step % ck == 0) or self.step == total:
                 self.save_checkpoint()
+            if self.lineage and logged:  # after eval: a step's records are sent together
+                self.lineage.flush()
         if metrics_file:
             metrics_file.close()
+        if self.lineage:
+            self.lineage.close()
         self.save_final()
         return last_eval
 

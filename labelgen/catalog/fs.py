@@ -34,9 +34,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -63,6 +63,7 @@ __all__ = [
     "split_path",
     "resolve_url",
     "report_run",
+    "report_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -687,3 +688,27 @@ def report_run(url: str, name: str, config: Mapping[str, Any] | None = None, **o
         log.info("recorded run %r (id %d) on %s at %s", name, run_id, ref, service)
         return run_id
     return None
+
+
+def report_metrics(
+    url: str, run_id: int, records: Sequence[Mapping[str, Any]], **options: Any
+) -> tuple[Literal["sent", "refused", "unreachable"], str]:
+    """Send training metrics (``[{"step": int, NAME: number, ...}]``) to run ``run_id``,
+    reported on ``url`` by :func:`report_run`: (what became of them, why).
+
+    Returns:
+        ("sent", ""): the service stored them (steps it already had with the same values
+        it ignores, so a resend is safe); ("refused", its message): it answered with an
+        error (a conflicting step, a malformed record, no access: sending the same records
+        again will not help); ("unreachable", the reason): no answer (down, timed out, or a
+        proxy's 502/503/504: the same records may be sent later). Nothing is raised or
+        logged: the caller decides (lineage never stops a training run).
+    """
+    try:
+        netloc = split_path(url)[0]
+        _catalog_fs(**options)._client(netloc).report_metrics(run_id, records)
+    except CatalogError as exc:
+        return ("unreachable" if exc.status in (None, 502, 503, 504) else "refused"), exc.message
+    except (InvalidName, ValueError) as exc:
+        return "refused", str(exc)
+    return "sent", ""

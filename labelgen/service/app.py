@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import unquote
 
@@ -37,38 +36,14 @@ from labelgen.contract.storage import is_local
 from labelgen.service import locations, store
 from labelgen.service.db import open_catalog
 from labelgen.service.errors import ServiceError
+from labelgen.service.routing import Api
+from labelgen.service.settings import MAX_BODY_BYTES, ServiceSettings
 
 __all__ = ["ServiceSettings", "create_app", "MAX_BODY_BYTES"]
 
 AuthHeader = Annotated[str | None, Header(include_in_schema=False)]
 
 log = logging.getLogger("labelgen.service")
-MAX_BODY_BYTES = 1 << 20
-"""Largest request body accepted (a publish request with a job spec is a few KiB)."""
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """How ``labelgen serve`` runs (its flags and environment)."""
-
-    db_url: str
-    """SQLAlchemy URL of the catalog database (``sqlite:///PATH`` or ``postgresql+psycopg://…``)."""
-    fs_roots: tuple[str, ...] = ()
-    """If set, local-path datasets may be published only from under these directories."""
-    url_ttl_s: int = 900
-    """Lifetime of the read URLs a reader gets (presigned or signed byte-range), in seconds."""
-    signing_key: str | None = None
-    """Key for byte-range URL signatures (default: one kept in the catalog)."""
-    bootstrap_admin: str = "admin"
-    """Name of the organisation admin created on an empty catalog."""
-    bootstrap_token: str | None = None
-    """Token for that admin (default: a new one, printed once at start)."""
-    public_url: str | None = None
-    """Base URL readers reach the service at (default: the URL each request came in on)."""
-    max_body_bytes: int = MAX_BODY_BYTES
-    local_paths: bool = True
-    """May datasets be published from local paths? (``labelgen serve`` says no when it
-    listens beyond loopback without ``--fs-root``.)"""
 
 
 MAX_PATH_CHARS = 2048
@@ -266,6 +241,19 @@ def create_app(settings: ServiceSettings) -> Any:
         a large share of a catalog call's time, is skipped)."""
         return JSONResponse(run(request, authorization, action, fn), status_code=status)
 
+    api = Api(app=app, sessions=sessions, settings=settings, run=run, call=call, ref=_ref)
+    from labelgen.service import routes_jobs, routes_runs, routes_trust
+
+    routes_trust.add_routes(api)
+    routes_runs.add_routes(api)
+    routes_jobs.add_routes(api)
+    from labelgen.service import web
+
+    web.mount(api)
+    from labelgen.service import tracker
+
+    tracker.install(api)  # with a Ray cluster: the job tracker starts and stops with the app
+
     @app.get("/health")
     def health() -> dict[str, str]:
         with sessions() as session:
@@ -359,7 +347,8 @@ def create_app(settings: ServiceSettings) -> Any:
         job_spec: Annotated[str | None, Body(embed=True, max_length=256 * 1024)] = None,
         authorization: AuthHeader = None,
     ) -> Any:
-        from labelgen.service.verify import PublishRefused, verify_dataset
+        from labelgen.service.publishing import verify_for_publish
+        from labelgen.service.verify import PublishRefused
 
         target = f"{team}/{name}"
         request.state.action = "publish"
@@ -367,11 +356,7 @@ def create_app(settings: ServiceSettings) -> Any:
         with sessions.begin() as session:  # refuse early: access before the (long) verification
             catalog(request, session, authorization, "publish").check_publish(team, name, storage)
         try:
-            verified = verify_dataset(storage)
-            fs, root = locations.storage_fs(verified.url)
-            if is_local(fs):
-                for f in verified.files:
-                    locations.check_local_file(root, os.path.join(root, f.path))
+            verified = verify_for_publish(storage, settings)
         except PublishRefused as exc:
             raise ServiceError(422, "refused", f"{target}: not published: {exc}", team=team) from exc
         except OSError as exc:
@@ -467,28 +452,6 @@ def create_app(settings: ServiceSettings) -> Any:
         request: Request, team: str, name: str, grantee: str, authorization: AuthHeader = None
     ) -> Any:
         return call(request, authorization, "share.revoke", lambda c: c.share(team, name, grantee, False))
-
-    @app.post("/v1/runs", status_code=201)
-    def report_run(
-        request: Request,
-        ref: Annotated[str, Body(embed=True, max_length=256)],
-        name: Annotated[str, Body(embed=True, max_length=256)],
-        config: Annotated[dict[str, Any], Body(default_factory=dict, embed=True)],
-        authorization: AuthHeader = None,
-    ) -> Any:
-        from labelgen.catalog.names import parse_ref
-
-        try:
-            parsed = parse_ref(ref)
-        except InvalidName as exc:
-            raise ServiceError(400, "bad_name", str(exc)) from exc
-        return call(
-            request,
-            authorization,
-            "run.report",
-            lambda c: c.report_run(_ref(parsed.team, parsed.name, parsed.ref), name, config),
-            201,
-        )
 
     @app.get("/v1/audit")
     def audit(

@@ -38,9 +38,13 @@ from labelgen.service.db import (
     Token,
     User,
     Version,
+    iso,
     now,
 )
 from labelgen.service.errors import ServiceError
+from labelgen.service.jobs import JobOps
+from labelgen.service.runs import RunOps
+from labelgen.service.trust import TrustOps
 
 __all__ = [
     "Caller",
@@ -60,8 +64,7 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.replace(tzinfo=dt.UTC).isoformat()
+_iso = iso
 
 
 def _name(kind: str, value: object) -> str:
@@ -232,7 +235,7 @@ def version_storage(session: Session, version_id: int) -> tuple[str, list[dict[s
     return None if row is None else (row.url, json.loads(row.files))
 
 
-class Catalog:
+class Catalog(TrustOps, RunOps, JobOps):
     """The catalog as one caller sees it, over one session (one transaction per request)."""
 
     def __init__(self, session: Session, caller: Caller):
@@ -274,7 +277,7 @@ class Catalog:
         )
 
     def _may(self, action: str, team: str, dataset_id: int | None = None) -> bool:
-        shares = self._shares(dataset_id) if dataset_id is not None and action == "read" else ()
+        shares = self._shares(dataset_id) if dataset_id is not None and action in ("read", "attest") else ()
         return access.allowed(action, team, self.caller.roles, shares, self.caller.is_admin)
 
     def _require(self, action: str, team: str, what: str, dataset_id: int | None = None) -> None:
@@ -355,7 +358,11 @@ class Catalog:
             )
         return team, ds, version
 
-    def _version_view(self, team: str, ds: Dataset, v: Version, detail: bool = True) -> dict[str, Any]:
+    def _version_view(
+        self, team: str, ds: Dataset, v: Version, detail: bool = True, trust: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A version as the API shows it; ``trust``: its summary when the caller looked up
+        many at once (:meth:`TrustOps._trust_summaries`), else looked up here."""
         aliases = [name for name, number in self._aliases(ds.id).items() if number == v.number]
         files = json.loads(v.files)
         out: dict[str, Any] = {
@@ -371,6 +378,7 @@ class Catalog:
             "published_by": v.published_by,
             "created_at": _iso(v.created_at),
             "aliases": aliases,
+            "trust": trust if trust is not None else self._trust_summaries([v.id])[v.id],
         }
         if detail:
             out["job_spec"] = v.job_spec
@@ -678,15 +686,18 @@ class Catalog:
         team_row, ds = self._dataset(team, name)
         what = f"{team_row.name}/{ds.name}"
         self._require("read", team_row.name, what, ds.id)
-        versions = self.s.scalars(
-            sa.select(Version).where(Version.dataset_id == ds.id).order_by(Version.number)
+        versions = list(
+            self.s.scalars(sa.select(Version).where(Version.dataset_id == ds.id).order_by(Version.number))
         )
+        trust = self._trust_summaries(v.id for v in versions)
         return {
             "team": team_row.name,
             "name": ds.name,
             "created_by": ds.created_by,
             "created_at": _iso(ds.created_at),
-            "versions": [self._version_view(team_row.name, ds, v, detail=False) for v in versions],
+            "versions": [
+                self._version_view(team_row.name, ds, v, detail=False, trust=trust[v.id]) for v in versions
+            ],
             "aliases": self._aliases(ds.id),
             "shares": self._shares(ds.id),
         }
@@ -706,6 +717,11 @@ class Catalog:
         if row is None:
             raise ServiceError(404, "no_version", f"no version with id {version_id}")
         self._require("read", row[0], f"{row[0]}/{row[2]}", row[1])
+
+    def file_records(self, ref: DatasetRef) -> list[dict[str, Any]]:
+        """The version's file records (path, size, sha256, kind) for a reader, without read
+        URLs and not audited: what a catalog page shows, not a data access."""
+        return json.loads(self._resolve(ref)[2].files)
 
     def version_files(self, ref: DatasetRef) -> tuple[dict[str, Any], Version]:
         """The version's files (path, size, sha256) for a reader; audited as a data access."""
@@ -760,35 +776,25 @@ class Catalog:
         if filters.get("max_bytes") is not None:
             query = query.where(Version.bytes <= int(filters["max_bytes"]))
         wanted = [p for p in str(filters.get("products") or "").split(",") if p]
-        out = []
+        found = []
         for team, ds, v in self.s.execute(query).all():
             if not self._may("read", team.name, ds.id):
                 continue
             if wanted and not set(wanted) <= set(v.products.split(",")):
                 continue
-            out.append(
-                {
-                    "team": team.name,
-                    "name": ds.name,
-                    "latest": self._version_view(team.name, ds, v, detail=False),
-                    "aliases": self._aliases(ds.id),
-                }
-            )
+            found.append((team, ds, v))
+        trust = self._trust_summaries(v.id for _, _, v in found)  # one lookup for every row
+        out = [
+            {
+                "team": team.name,
+                "name": ds.name,
+                "latest": self._version_view(team.name, ds, v, detail=False, trust=trust[v.id]),
+                "aliases": self._aliases(ds.id),
+                "trust": trust[v.id],
+            }
+            for team, ds, v in found
+        ]
         return {"datasets": out}
-
-    def report_run(self, ref: DatasetRef, name: str, config: Any) -> dict[str, Any]:
-        team, ds, v = self._resolve(ref)
-        run = Run(
-            version_id=v.id,
-            name=str(name)[:256],
-            user=self.caller.name,
-            config=json.dumps(config, default=str)[:100_000],
-        )
-        self.s.add(run)
-        self.s.flush()
-        target = f"{team.name}/{ds.name}@{v.number}"
-        self._audit("run.report", target, team=team.name, run=run.id, name=run.name)
-        return {"id": run.id, "ref": target}
 
     def audit(self, team: str | None, action: str | None, limit: int) -> dict[str, Any]:
         if team is not None:
