@@ -685,7 +685,7 @@ class CatalogClient:
             "POST", "/v1/runs", {"ref": str(parsed), "name": name, "config": dict(config or {})}
         )
 
-    # ---- trust: signing keys, signatures, attestations (docs/TRUST.md) --------------------------
+    # ---- trust: signing keys, signatures, attestations (docs/TRUST.md, docs/AUDIT.md) ----------
     def register_key(self, team: str, public_key: str, name: str) -> dict[str, Any]:
         """Register an ed25519 public key (64 hex characters) for signing ``team``'s versions
         (writers; the key is the caller's own); the key object (``key_id``, ``owner``, …)."""

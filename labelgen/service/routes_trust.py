@@ -1,4 +1,4 @@
-"""The trust routes of the catalog API (see docs/SERVICE.md and docs/TRUST.md).
+"""The trust routes of the catalog API (see docs/SERVICE.md, docs/TRUST.md and docs/AUDIT.md).
 
 ===========================================================  ========================================
 route                                                        operation (:mod:`labelgen.service.trust`)

@@ -38,6 +38,8 @@ __all__ = [
     "PublishRefused",
     "canonical_url",
     "verify_dataset",
+    "check_integrity",
+    "Integrity",
     "card_matches",
 ]
 
@@ -80,11 +82,13 @@ class PublishRefused(Exception):
 
     Attributes:
         path: the (first) offending file relative to the dataset root, None if no one file.
+        paths: every offending file (``[path]`` or empty when only one or none is known).
     """
 
-    def __init__(self, message: str, path: str | None = None):
+    def __init__(self, message: str, path: str | None = None, paths: list[str] | None = None):
         super().__init__(message)
         self.path = path
+        self.paths = list(paths) if paths is not None else ([path] if path else [])
 
 
 def canonical_url(url: str) -> tuple[str, Any, str]:
@@ -171,7 +175,9 @@ def _check_commit_log(log: CommitLog, manifest: Manifest, url: str) -> None:
 def _refuse(url: str, what: str, problems: list[tuple[str, str]], fix: str) -> None:
     lines = "".join(f"\n  - {text}" for _, text in problems)
     raise PublishRefused(
-        f"cannot publish {url}: {what} ({len(problems)} file(s)):{lines}\n{fix}", problems[0][0]
+        f"cannot publish {url}: {what} ({len(problems)} file(s)):{lines}\n{fix}",
+        problems[0][0],
+        [path for path, _ in problems],
     )
 
 
@@ -201,7 +207,11 @@ def _card(manifest: Manifest, stats: dict[str, Any]) -> dict[str, Any]:
         "bytes": totals["bytes"],
         "bytes_per_token": totals["bytes"] / max(totals["label_positions"], 1),
         "rejected": manifest.rejected,
-        "stats": {key: stats.get(key) for key in ("entropy_nats", "top1_mass", "tail_mass", "sample_rows")},
+        # Means and per-position histograms (20 bins: edges + counts) from a sample of rows.
+        "stats": {
+            key: stats.get(key)
+            for key in ("entropy_nats", "top1_mass", "tail_mass", "sample_rows", "histograms")
+        },
     }
     if manifest.spec_sha256:
         card["spec_sha256"] = manifest.spec_sha256
@@ -239,13 +249,47 @@ def verify_dataset(url: str, sample_rows: int = 2048, threads: int = 8) -> Verif
         data = json.loads(raw)
     except FormatError as exc:
         raise PublishRefused(f"cannot publish {url}: {exc}", MANIFEST_NAME) from exc
+    integrity = check_integrity(fs, root, manifest, url, threads)
+    files = [DatasetFile(MANIFEST_NAME, len(raw), _sha256(raw), "manifest"), *integrity.files]
+    try:
+        stats = sample_statistics(fs, root, manifest, sample_rows, url)
+    except FormatError as exc:
+        raise PublishRefused(f"cannot publish {url}: {exc}; {_RERUN}") from exc
+    return VerifiedDataset(url, _sha256(raw), data, tuple(files), _card(manifest, stats), integrity.job_spec)
+
+
+@dataclass(frozen=True)
+class Integrity:
+    """What :func:`check_integrity` read: every file but the manifest, and the job spec."""
+
+    files: tuple[DatasetFile, ...]
+    """Spec (if present), commit records, label, hidden and generation shards, with sizes and sha256."""
+    job_spec: str | None
+    """The text of ``job-spec.yaml``, None if absent."""
+
+
+def check_integrity(fs: Any, root: str, manifest: Manifest, url: str, threads: int = 8) -> Integrity:
+    """Check a complete dataset's files against its parsed ``manifest``: the commit log holds
+    exactly the manifest's shard and unit records, every commit record and the spec (if
+    present) can be read, and every label, hidden and generation shard has the size and
+    sha256 its record gives. Shards are hashed ``threads`` at a time.
+
+    Args:
+        fs, root: the dataset's filesystem and root on it (:func:`canonical_url`).
+        url: the dataset, for messages.
+
+    Raises:
+        PublishRefused: the commit log disagrees with the manifest, a record or the spec
+            cannot be read, or shards are missing or differ (every such file in ``paths``,
+            the first in ``path``).
+    """
     log = CommitLog(fs, root)
     _check_commit_log(log, manifest, url)
     try:
         names = log.record_files()
     except FormatError as exc:
         raise PublishRefused(f"cannot publish {url}: {exc}") from exc
-    files = [DatasetFile(MANIFEST_NAME, len(raw), _sha256(raw), "manifest")]
+    files: list[DatasetFile] = []
     spec_raw = _read(fs, dataset_file(root, SPEC_NAME))
     job_spec = None
     if spec_raw is not None:
@@ -294,11 +338,7 @@ def verify_dataset(url: str, sample_rows: int = 2048, threads: int = 8) -> Verif
             files.append(DatasetFile(path, size, sha, kind))
     if problems:
         _refuse(url, "shard files do not match their records", problems, _RESTORE)
-    try:
-        stats = sample_statistics(fs, root, manifest, sample_rows, url)
-    except FormatError as exc:
-        raise PublishRefused(f"cannot publish {url}: {exc}; {_RERUN}") from exc
-    return VerifiedDataset(url, _sha256(raw), data, tuple(files), _card(manifest, stats), job_spec)
+    return Integrity(tuple(files), job_spec)
 
 
 def _attempt(fn: Callable[[str], Any]) -> Callable[[str], tuple[Any, BaseException | None]]:

@@ -93,6 +93,18 @@ class Codec(ABC):
             )
         return entries // positions
 
+    def value_bound(self, k: int) -> tuple[str, float]:
+        """How far a stored top-k value may sit from the same value encoded again:
+        ``(space, bound)``, space ``"nats"`` (log-probs) or ``"sqrt_p"`` (square roots of
+        probabilities). An audit re-encodes the re-scored values with this codec and allows
+        this much on top of the teacher's own numerical tolerance. Lossless: 0."""
+        assert self.lossless, f"lossy codec {self.name} must say its bound"
+        return "nats", 0.0
+
+    def value_bound_text(self) -> str:
+        """:meth:`value_bound` in words, for docs and reports."""
+        return "exact (0)"
+
     def matches(self, column_names: list[str]) -> bool:
         """True if a table with these columns holds this codec's top-k columns."""
         return set(self.columns) <= set(column_names)

@@ -74,6 +74,14 @@ class CompactV1Codec(Codec):
     lossless = False
     summary = "ids gap-coded, log-probs in 1/16-nat uint8 levels, exact float32 tail"
 
+    def value_bound(self, k: int) -> tuple[str, float]:
+        # One level, plus half a level: renormalising the top-k to the stored tail mass moves
+        # every entry when one level flips.
+        return "nats", 1.5 * STEP
+
+    def value_bound_text(self) -> str:
+        return f"1.5 x {STEP} nats (one 1/16-nat level + half for renormalisation)"
+
     def fields(self) -> list[pa.Field]:
         return [
             flat_field(ID_DELTAS, pa.int32()),

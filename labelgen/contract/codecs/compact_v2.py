@@ -195,6 +195,13 @@ class CompactV2Codec(Codec):
     lossless = False
     summary = "id gaps as head byte + raw low bits, sqrt(p) levels (mean KL ~5e-4), float16 tail"
 
+    def value_bound(self, k: int) -> tuple[str, float]:
+        # One sqrt(p) level, plus half a level for the renormalisation to the stored tail.
+        return "sqrt_p", 1.5 * sqrt_step(k)
+
+    def value_bound_text(self) -> str:
+        return "1.5 x sqrt_step(k) in sqrt(p) (one level + half for renormalisation)"
+
     def fields(self) -> list[pa.Field]:
         return [pa.field(name, pa.binary(), nullable=False) for name in self.columns]
 
