@@ -27,6 +27,7 @@ from labelgen.contract.format import (
     hidden_schema,
     schema_problem,
 )
+from labelgen.contract.records import decode_hidden
 from students.shards import RowGroupRef, Rows, ShardReader
 
 __all__ = ["HiddenRows", "read_hidden", "decode_hidden"]
@@ -49,28 +50,6 @@ class HiddenRows:
         """(positions (P,), {layer: (P, D)}) of row j."""
         a, z = self.offsets[j], self.offsets[j + 1]
         return self.positions[a:z], {layer: v[a:z] for layer, v in self.values.items()}
-
-
-def decode_hidden(blob: bytes, dtype: str, count: int) -> np.ndarray:
-    """One layer blob of ``count`` positions → (count, D) float32 (float16/bfloat16/float32).
-
-    Raises:
-        FormatError: an unknown dtype, or a blob that is not ``count`` whole vectors.
-    """
-    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 1)
-    if len(blob) % width or (count and (len(blob) // width) % count) or (not count and blob):
-        raise FormatError(
-            f"a hidden-state blob of {len(blob)} bytes is not {count} {dtype} vectors: the shard is corrupt"
-        )
-    if dtype == "float32":
-        flat = np.frombuffer(blob, "<f4")
-    elif dtype == "float16":
-        flat = np.frombuffer(blob, "<f2").astype(np.float32)
-    elif dtype == "bfloat16":
-        flat = (np.frombuffer(blob, "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        raise FormatError(f"hidden dtype {dtype!r} is not one of float16, bfloat16, float32")
-    return flat.reshape(count, -1) if count else flat.reshape(0, 0)
 
 
 def read_hidden(

@@ -872,7 +872,7 @@ def test_publish_and_list_print_summaries(config, monkeypatch, capsys, tmp_path)
     )
     assert commands.run(_parse(["datasets", "list", "--service", "h:1"])) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["REF", "TEACHER", "K", "PRODUCTS", "TOKENS", "SIZE", "ALIASES"]
+    assert out[0].split() == ["REF", "TEACHER", "K", "PRODUCTS", "TOKENS", "SIZE", "TRUST", "ALIASES"]
     assert out[1].split()[:5] == ["nlp/web@2", "qwen-72b", "64", "draws", "1000"] and "stable=2" in out[1]
     assert commands.run(_parse(["datasets", "show", "nlp/web@2", "--service", "h:1"])) == 0
     out = capsys.readouterr().out

@@ -19,8 +19,9 @@ from labelgen.contract.codecs import get_codec
 from labelgen.contract.codecs.base import list_parts
 from labelgen.contract.columns import Columns
 from labelgen.contract.format import FormatError, Manifest, ShardRecord, dataset_file, token_hash
+from labelgen.contract.records import decode_hidden
 
-__all__ = ["StoredRow", "sample_rows", "read_rows", "decode_hidden"]
+__all__ = ["StoredRow", "sample_rows", "read_rows"]
 
 
 @dataclass
@@ -61,23 +62,6 @@ def sample_rows(shards: list[ShardRecord], rows: int | None, seed: int) -> list[
         shard = int(np.searchsorted(starts, index, side="right") - 1)
         out.append((shard, int(index - starts[shard])))
     return out
-
-
-def decode_hidden(data: bytes, dtype: str, dim: int) -> np.ndarray:
-    """Little-endian ``dtype`` bytes of (H, dim) vectors → (H, dim) float32."""
-    if dtype == "float32":
-        values = np.frombuffer(data, "<f4")
-    elif dtype == "float16":
-        values = np.frombuffer(data, "<f2").astype(np.float32)
-    elif dtype == "bfloat16":
-        values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        raise FormatError(f"hidden dtype {dtype!r} is not float16, bfloat16 or float32")
-    if dim <= 0 or values.size % dim:
-        raise FormatError(
-            f"a hidden-state value of {values.size} elements is not a whole number of {dim}-vectors"
-        )
-    return values.reshape(-1, dim)
 
 
 def _read_groups(fs, path: str, wanted: list[int], columns: list[str] | None) -> tuple[pa.Table, list[int]]:
@@ -162,4 +146,7 @@ def _attach_hidden(
         raise FormatError(f"cannot read rows {rows[:4]}... of {path}: {exc}") from exc
     for i, item in enumerate(out):
         item.hidden_positions = positions[offsets[i] : offsets[i + 1]].astype(np.int64)
-        item.hidden = {layer: decode_hidden(columns[layer][i], dtype, dim) for layer in layers}
+        count = len(item.hidden_positions)
+        item.hidden = {layer: decode_hidden(columns[layer][i], dtype, count) for layer in layers}
+        if dim and any(v.size and v.shape[1] != dim for v in item.hidden.values()):
+            raise FormatError(f"{path}: row {rows[i]} holds hidden states not of the manifest's width {dim}")

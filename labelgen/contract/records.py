@@ -21,16 +21,41 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
+
 from labelgen.contract.codecs import CODEC_NAMES
 from labelgen.contract.errors import FormatError
 
-__all__ = ["REWRITE", "parse_json", "parse_record", "check_layout"]
+__all__ = ["REWRITE", "parse_json", "parse_record", "check_layout", "decode_hidden"]
 
 REWRITE = "the file is corrupt or was not written by labelgen: re-run the labeling job to rewrite it"
 """The fix every message about a damaged record ends with."""
 _MAX_INT = 2**63 - 1  # counts and indices are int64 wherever they are used
 _MAX_DEPTH = 64  # nesting of the free-form objects (teacher, tokenizer, corpus, products)
 _HIDDEN_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def decode_hidden(blob: bytes, dtype: str, count: int) -> np.ndarray:
+    """One hidden-state layer blob of ``count`` positions → (count, D) float32 (the blob is
+    little-endian float16, bfloat16 or float32; ``hidden/`` shards, docs/FORMAT.md).
+
+    Raises:
+        FormatError: an unknown dtype, or a blob that is not ``count`` whole vectors.
+    """
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 1)
+    if len(blob) % width or (count and (len(blob) // width) % count) or (not count and blob):
+        raise FormatError(
+            f"a hidden-state blob of {len(blob)} bytes is not {count} {dtype} vectors: the shard is corrupt"
+        )
+    if dtype == "float32":
+        flat = np.frombuffer(blob, "<f4")
+    elif dtype == "float16":
+        flat = np.frombuffer(blob, "<f2").astype(np.float32)
+    elif dtype == "bfloat16":
+        flat = (np.frombuffer(blob, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise FormatError(f"hidden dtype {dtype!r} is not one of {', '.join(_HIDDEN_DTYPES)}")
+    return flat.reshape(count, -1) if count else flat.reshape(0, 0)
 
 
 def parse_json(text: str | bytes, where: str) -> Any:
