@@ -183,7 +183,8 @@ def audit_world(tmp_path_factory, texts):
         "corpus": {"sources": [str(work / "corpus" / "*.jsonl")], "messages_field": "messages"},
         "packing": {"seq_len": 96},
         "labels": {"k": 8, "draws": 32},
-        "hidden": {"layers": [0, 1, 2], "every": 8, "dtype": "bfloat16"},
+        # every: 1, so that a short packed sequence still gets hidden samples.
+        "hidden": {"layers": [0, 1, 2], "every": 1, "dtype": "bfloat16"},
         "output": {"url": str(work / "labels"), "shard_mib": 0.05, "row_group_mib": 0.02},
     }
     spec_path = write_spec(work / "job.yaml", spec_dict)

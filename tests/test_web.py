@@ -700,6 +700,7 @@ def test_the_catalog_in_headless_chromium(web_labels, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from labelgen.catalog.client import CatalogClient
     from labelgen.service.server import ServiceThread
@@ -754,19 +755,20 @@ def test_the_catalog_in_headless_chromium(web_labels, tmp_path):
             driver.find_element(By.ID, "token").send_keys(token)
             shot("01-signin.png")
             driver.find_element(By.ID, "signin").click()
-            assert driver.current_url == f"{base}/ui/d/nlp/web"
+            WebDriverWait(driver, 30).until(lambda d: d.current_url == f"{base}/ui/d/nlp/web")
             assert driver.find_element(By.ID, "signed-in-as").text == "alice"
 
             driver.get(f"{base}/ui/")
             field = driver.find_element(By.CSS_SELECTOR, "form#search input[name=name]")
             field.send_keys("web")
             driver.find_element(By.ID, "search-button").click()
-            assert "name=web" in driver.current_url
+            WebDriverWait(driver, 30).until(lambda d: "name=web" in d.current_url)
             rows = driver.find_elements(By.CSS_SELECTOR, "#datasets tr.dataset-row")
             assert [r.find_element(By.TAG_NAME, "a").text for r in rows] == ["nlp/web"]
             shot("02-search.png")
 
             rows[0].find_element(By.TAG_NAME, "a").click()
+            WebDriverWait(driver, 30).until(lambda d: "/ui/d/nlp/web" in d.current_url)
             assert driver.find_element(By.ID, "dataset-ref").text.startswith("nlp/web@1")
             plots = driver.find_elements(By.CSS_SELECTOR, "#plots svg.histogram")
             assert len(plots) == 2
@@ -778,6 +780,7 @@ def test_the_catalog_in_headless_chromium(web_labels, tmp_path):
             shot("03-dataset.png")
 
             driver.find_element(By.CSS_SELECTOR, f'#runs a[href="/ui/runs/{runs["kd-run"]}"]').click()
+            WebDriverWait(driver, 30).until(lambda d: f"/ui/runs/{runs['kd-run']}" in d.current_url)
             assert driver.find_element(By.ID, "run-title").text.startswith(f"Run #{runs['kd-run']}")
             curves_shown = driver.find_elements(By.CSS_SELECTOR, "#curves svg.lines")
             assert len(curves_shown) == len(METRICS)
